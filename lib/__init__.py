@@ -1,0 +1,1 @@
+"""Model-agnostic building blocks: config, devices, data, optimizers, checkpoints, logging."""

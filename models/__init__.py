@@ -1,0 +1,1 @@
+"""Pure LLaMA functions, presets, HF interop and LoRA."""

@@ -1,0 +1,320 @@
+"""The LLaMA family as pure functions over a parameter pytree.
+
+    params = init(config, seed)                      # nested dicts/lists of tensors
+    logits = forward(params, tokens, config)         # [batch, seq, vocab]
+    axes   = param_axes(config)                      # same tree, leaves = logical axis names
+
+Nothing here knows about devices, meshes or compilers: `parallel/` maps the logical axes to a
+mesh and compiles these functions. Weights are stored [in, out] (x @ w), as JAX code does;
+`models/hf.py` transposes at the HF boundary.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lib import config as config_lib
+from lib.constraints import constrain
+from models import attention as attention_kernels
+
+Params = dict[str, Any]
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """LLaMA-3.1's "llama3" frequency scaling (long-context extension)."""
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+
+
+@dataclass(frozen=True)
+class Config:
+    vocab_size: int = 32000
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None  # None: multi-head attention (kv heads = heads)
+    ffn_dim: int = 11008
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+
+    def __post_init__(self):
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
+        if self.n_heads % self.kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+_L1 = dict(vocab_size=32000, norm_eps=1e-6, max_seq_len=2048)
+_L2 = dict(vocab_size=32000, norm_eps=1e-5, max_seq_len=4096)
+_L3 = dict(vocab_size=128256, norm_eps=1e-5, rope_theta=500000.0, max_seq_len=8192)
+_L31 = dict(_L3, max_seq_len=131072, rope_scaling=RopeScaling())
+_7B = dict(dim=4096, n_layers=32, n_heads=32, ffn_dim=11008)
+_13B = dict(dim=5120, n_layers=40, n_heads=40, ffn_dim=13824)
+_33B = dict(dim=6656, n_layers=60, n_heads=52, ffn_dim=17920)
+_65B = dict(dim=8192, n_layers=80, n_heads=64, ffn_dim=22016)
+_70B = dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672)
+_8B = dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336)
+
+# Shapes from the LLaMA papers / Meta's params.json; Chinese-LLaMA-Alpaca's merged vocabularies
+# (49953 for Chinese-LLaMA 7B/13B, 49954 for Chinese-Alpaca and for both 33B models) come from
+# that project's model cards.
+PRESETS: dict[str, Config] = {
+    "llama1-7b": Config(**_L1, **_7B),
+    "llama1-13b": Config(**_L1, **_13B),
+    "llama1-33b": Config(**_L1, **_33B),
+    "llama1-65b": Config(**_L1, **_65B),
+    "llama2-7b": Config(**_L2, **_7B),
+    "llama2-13b": Config(**_L2, **_13B),
+    "llama2-70b": Config(**_L2, **_70B),
+    "llama3-8b": Config(**_L3, **_8B),
+    "llama3-70b": Config(**_L3, **_70B),
+    "llama3.1-8b": Config(**_L31, **_8B),
+    "llama3.1-70b": Config(**_L31, **_70B),
+    "chinese-llama-7b": Config(**dict(_L1, vocab_size=49953), **_7B),
+    "chinese-llama-13b": Config(**dict(_L1, vocab_size=49953), **_13B),
+    "chinese-llama-33b": Config(**dict(_L1, vocab_size=49954), **_33B),
+    "chinese-alpaca-7b": Config(**dict(_L1, vocab_size=49954), **_7B),
+    "chinese-alpaca-13b": Config(**dict(_L1, vocab_size=49954), **_13B),
+    "chinese-alpaca-33b": Config(**dict(_L1, vocab_size=49954), **_33B),
+    # Tiny shapes for tests and the embedded default run.
+    "tiny": Config(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=176,
+                   max_seq_len=256),
+    "tiny-mha": Config(vocab_size=512, dim=64, n_layers=2, n_heads=4, ffn_dim=176, norm_eps=1e-6,
+                       max_seq_len=256),
+    "tiny-llama3": Config(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=1, ffn_dim=192,
+                          rope_theta=500000.0, max_seq_len=256,
+                          rope_scaling=RopeScaling(factor=8.0, original_max_position=64)),
+    "small": Config(vocab_size=8000, dim=512, n_layers=8, n_heads=8, n_kv_heads=4, ffn_dim=1408,
+                    max_seq_len=1024),
+}
+config_lib.register_presets(Config, PRESETS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters
+
+
+def param_shapes(config: Config) -> Params:
+    d, hd = config.dim, config.head_dim
+    layer = {
+        "attn_norm": (d,),
+        "wq": (d, config.n_heads * hd),
+        "wk": (d, config.kv_heads * hd),
+        "wv": (d, config.kv_heads * hd),
+        "wo": (config.n_heads * hd, d),
+        "mlp_norm": (d,),
+        "w_gate": (d, config.ffn_dim),
+        "w_up": (d, config.ffn_dim),
+        "w_down": (config.ffn_dim, d),
+    }
+    shapes: Params = {
+        "embed": (config.vocab_size, d),
+        "layers": [dict(layer) for _ in range(config.n_layers)],
+        "final_norm": (d,),
+    }
+    if not config.tie_embeddings:
+        shapes["lm_head"] = (d, config.vocab_size)
+    return shapes
+
+
+def param_axes(config: Config) -> Params:
+    """Logical axis names of every parameter; `parallel/` maps them to mesh axes by rules."""
+    layer = {
+        "attn_norm": ("norm",),
+        "wq": ("embed", "heads"),
+        "wk": ("embed", "kv_heads"),
+        "wv": ("embed", "kv_heads"),
+        "wo": ("heads", "embed"),
+        "mlp_norm": ("norm",),
+        "w_gate": ("embed", "mlp"),
+        "w_up": ("embed", "mlp"),
+        "w_down": ("mlp", "embed"),
+    }
+    axes: Params = {
+        "embed": ("vocab", "embed"),
+        "layers": [dict(layer) for _ in range(config.n_layers)],
+        "final_norm": ("norm",),
+    }
+    if not config.tie_embeddings:
+        axes["lm_head"] = ("embed", "vocab")
+    return axes
+
+
+def init(config: Config, seed: int = 0, dtype: torch.dtype = torch.float32,
+         device: torch.device | str = "cpu") -> Params:
+    """Deterministic initialisation (normal, std 0.02; norms at one).
+
+    `device="meta"` returns shapes and dtypes without memory, like `jax.eval_shape`.
+    """
+    generator = torch.Generator().manual_seed(seed)
+
+    def make(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if str(device) == "meta":
+            return torch.empty(shape, dtype=dtype, device="meta")
+        if name.endswith("norm"):
+            return torch.ones(shape, dtype=dtype, device=device)
+        w = torch.empty(shape, dtype=torch.float32).normal_(0.0, 0.02, generator=generator)
+        return w.to(device=device, dtype=dtype)
+
+    shapes = param_shapes(config)
+    params: Params = {k: make(k, v) for k, v in shapes.items() if k != "layers"}
+    params["layers"] = [{k: make(k, v) for k, v in layer.items()} for layer in shapes["layers"]]
+    return params
+
+
+def num_params(config: Config, embeddings: bool = True) -> int:
+    shapes = param_shapes(config)
+    total = sum(math.prod(s) for layer in shapes["layers"] for s in layer.values())
+    total += config.dim  # final norm
+    if embeddings:
+        total += config.vocab_size * config.dim * (1 if config.tie_embeddings else 2)
+    return total
+
+
+def flops_per_token(config: Config, seq_len: int) -> int:
+    """Training FLOPs per token: 6·N (non-embedding matmuls, fwd+bwd) + attention scores.
+
+    The attention term is 12·L·H·d_head·S as torchtitan counts it (causal masking not discounted).
+    The lm_head matmul is counted in N: it is a real matmul even though its weight is an embedding.
+    """
+    n = num_params(config, embeddings=False) + config.dim * config.vocab_size
+    return 6 * n + 12 * config.n_layers * config.n_heads * config.head_dim * seq_len
+
+
+# ---------------------------------------------------------------------------------------------
+# The forward pass
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm in fp32 whatever the activation dtype, cast back before the scale (as HF does)."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def rope_frequencies(config: Config) -> torch.Tensor:
+    """Inverse frequencies [head_dim / 2], with LLaMA-3.1's scaling when configured."""
+    hd = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+    s = config.rope_scaling
+    if s is None:
+        return inv_freq
+    # Long wavelengths (beyond the original context) are slowed by `factor`, short ones kept,
+    # and the band between is blended linearly in 1/wavelength.
+    wavelen = 2 * math.pi / inv_freq
+    slow = inv_freq / s.factor
+    blend = (s.original_max_position / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    mid = (1 - blend) * slow + blend * inv_freq
+    long = wavelen > s.original_max_position / s.low_freq_factor
+    short = wavelen < s.original_max_position / s.high_freq_factor
+    return torch.where(long, slow, torch.where(short, inv_freq, mid))
+
+
+def rope_cos_sin(config: Config, positions: torch.Tensor, dtype: torch.dtype):
+    """cos/sin tables [batch, seq, 1, head_dim] in the HF layout (two halves, not interleaved)."""
+    inv_freq = rope_frequencies(config).to(positions.device)
+    angles = positions.float()[..., None] * inv_freq  # [b, s, hd/2]
+    angles = torch.cat([angles, angles], dim=-1)[:, :, None, :]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def attention_block(p: Params, x: torch.Tensor, cos, sin, segment_ids, config: Config,
+                    attention) -> torch.Tensor:
+    b, s, _ = x.shape
+    hd = config.head_dim
+    q = (x @ p["wq"]).view(b, s, config.n_heads, hd)
+    k = (x @ p["wk"]).view(b, s, config.kv_heads, hd)
+    v = (x @ p["wv"]).view(b, s, config.kv_heads, hd)
+    q = constrain(apply_rope(q, cos, sin), ("batch", "seq", "heads", None))
+    k = constrain(apply_rope(k, cos, sin), ("batch", "seq", "kv_heads", None))
+    out = attention(q, k, v, segment_ids=segment_ids)
+    return out.reshape(b, s, config.n_heads * hd) @ p["wo"]
+
+
+def mlp_block(p: Params, x: torch.Tensor) -> torch.Tensor:
+    hidden = F.silu(x @ p["w_gate"]) * (x @ p["w_up"])
+    return constrain(hidden, ("batch", "seq", "mlp")) @ p["w_down"]
+
+
+def transformer_layer(p: Params, x: torch.Tensor, cos, sin, segment_ids, config: Config,
+                      attention) -> torch.Tensor:
+    h = x + attention_block(p, rms_norm(x, p["attn_norm"], config.norm_eps), cos, sin,
+                            segment_ids, config, attention)
+    out = h + mlp_block(p, rms_norm(h, p["mlp_norm"], config.norm_eps))
+    return constrain(out, ("batch", "seq", "embed"))
+
+
+def forward(params: Params, tokens: torch.Tensor, config: Config, *,
+            positions: torch.Tensor | None = None,
+            segment_ids: torch.Tensor | None = None,
+            attention: attention_kernels.AttentionFn = attention_kernels.sdpa,
+            remat: Callable[[Callable], Callable] | None = None) -> torch.Tensor:
+    """Logits [batch, seq, vocab] for token ids [batch, seq].
+
+    positions:   [batch, seq] rotary positions (default 0..seq-1; packed data restarts them).
+    segment_ids: [batch, seq] document ids; attention never crosses a segment boundary.
+    attention:   a kernel from `models.attention` (or a device kernel from `parallel/`).
+    remat:       wraps the per-layer function, e.g. activation checkpointing from `parallel/`.
+    """
+    b, s = tokens.shape
+    if positions is None:
+        positions = torch.arange(s, device=tokens.device).expand(b, s)
+    x = constrain(params["embed"][tokens], ("batch", "seq", "embed"))
+    cos, sin = rope_cos_sin(config, positions, x.dtype)
+    layer_fn = remat(transformer_layer) if remat is not None else transformer_layer
+    for p in params["layers"]:
+        x = layer_fn(p, x, cos, sin, segment_ids, config, attention)
+    x = rms_norm(x, params["final_norm"], config.norm_eps)
+    head = params["embed"].T if config.tie_embeddings else params["lm_head"]
+    return constrain(x @ head, ("batch", "seq", "vocab"))
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
+                  reduction: str = "mean") -> torch.Tensor:
+    """Token cross-entropy in fp32; labels equal to IGNORE_INDEX (-100) do not count.
+
+    `labels` are already aligned with `logits` (label t is the token after input t).
+    "mean" averages over valid tokens; "sum" lets callers weight micro-batches by token count.
+    """
+    total = F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(),
+                            ignore_index=IGNORE_INDEX, reduction="sum")
+    if reduction == "sum":
+        return total
+    return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
+
+
+def loss_fn(params: Params, batch: dict[str, torch.Tensor], config: Config,
+            **forward_kw) -> torch.Tensor:
+    """Mean token loss of a batch {"tokens", "labels", optional "positions", "segment_ids"}."""
+    logits = forward(params, batch["tokens"], config, positions=batch.get("positions"),
+                     segment_ids=batch.get("segment_ids"), **forward_kw)
+    return cross_entropy(logits, batch["labels"])
+
