@@ -10,6 +10,7 @@ mesh and compiles these functions. Weights are stored [in, out] (x @ w), as JAX 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -246,53 +247,75 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The swappable inner functions of the forward pass, pure torch by default.
+
+    `parallel/kernels.py` builds device versions (Ascend fused ops, ...) with the same signatures,
+    so the model never imports device code.
+    """
+    attention: attention_kernels.AttentionFn = attention_kernels.sdpa
+    rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] = rms_norm
+    rope: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = apply_rope
+    swiglu: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = swiglu
+
+
 def attention_block(p: Params, x: torch.Tensor, cos, sin, segment_ids, config: Config,
-                    attention) -> torch.Tensor:
+                    kernels: Kernels) -> torch.Tensor:
     b, s, _ = x.shape
     hd = config.head_dim
     q = (x @ p["wq"]).view(b, s, config.n_heads, hd)
     k = (x @ p["wk"]).view(b, s, config.kv_heads, hd)
     v = (x @ p["wv"]).view(b, s, config.kv_heads, hd)
-    q = constrain(apply_rope(q, cos, sin), ("batch", "seq", "heads", None))
-    k = constrain(apply_rope(k, cos, sin), ("batch", "seq", "kv_heads", None))
-    out = attention(q, k, v, segment_ids=segment_ids)
+    q = constrain(kernels.rope(q, cos, sin), ("batch", "seq", "heads", None))
+    k = constrain(kernels.rope(k, cos, sin), ("batch", "seq", "kv_heads", None))
+    out = kernels.attention(q, k, v, segment_ids=segment_ids)
     return out.reshape(b, s, config.n_heads * hd) @ p["wo"]
 
 
-def mlp_block(p: Params, x: torch.Tensor) -> torch.Tensor:
-    hidden = F.silu(x @ p["w_gate"]) * (x @ p["w_up"])
+def mlp_block(p: Params, x: torch.Tensor, kernels: Kernels) -> torch.Tensor:
+    hidden = kernels.swiglu(x @ p["w_gate"], x @ p["w_up"])
     return constrain(hidden, ("batch", "seq", "mlp")) @ p["w_down"]
 
 
 def transformer_layer(p: Params, x: torch.Tensor, cos, sin, segment_ids, config: Config,
-                      attention) -> torch.Tensor:
-    h = x + attention_block(p, rms_norm(x, p["attn_norm"], config.norm_eps), cos, sin,
-                            segment_ids, config, attention)
-    out = h + mlp_block(p, rms_norm(h, p["mlp_norm"], config.norm_eps))
+                      kernels: Kernels) -> torch.Tensor:
+    h = x + attention_block(p, kernels.rms_norm(x, p["attn_norm"], config.norm_eps), cos, sin,
+                            segment_ids, config, kernels)
+    out = h + mlp_block(p, kernels.rms_norm(h, p["mlp_norm"], config.norm_eps), kernels)
     return constrain(out, ("batch", "seq", "embed"))
 
 
 def forward(params: Params, tokens: torch.Tensor, config: Config, *,
             positions: torch.Tensor | None = None,
             segment_ids: torch.Tensor | None = None,
-            attention: attention_kernels.AttentionFn = attention_kernels.sdpa,
+            attention: attention_kernels.AttentionFn | None = None,
+            kernels: Kernels | None = None,
             remat: Callable[[Callable], Callable] | None = None) -> torch.Tensor:
     """Logits [batch, seq, vocab] for token ids [batch, seq].
 
     positions:   [batch, seq] rotary positions (default 0..seq-1; packed data restarts them).
     segment_ids: [batch, seq] document ids; attention never crosses a segment boundary.
-    attention:   a kernel from `models.attention` (or a device kernel from `parallel/`).
+    kernels:     attention / norm / rope / swiglu functions (default `Kernels()`: pure torch, sdpa).
+    attention:   shorthand that replaces `kernels.attention` (a `models.attention` kernel).
     remat:       wraps the per-layer function, e.g. activation checkpointing from `parallel/`.
     """
     b, s = tokens.shape
     if positions is None:
         positions = torch.arange(s, device=tokens.device).expand(b, s)
     x = constrain(params["embed"][tokens], ("batch", "seq", "embed"))
+    kernels = kernels or Kernels()
+    if attention is not None:
+        kernels = dataclasses.replace(kernels, attention=attention)
     cos, sin = rope_cos_sin(config, positions, x.dtype)
     layer_fn = remat(transformer_layer) if remat is not None else transformer_layer
     for p in params["layers"]:
-        x = layer_fn(p, x, cos, sin, segment_ids, config, attention)
-    x = rms_norm(x, params["final_norm"], config.norm_eps)
+        x = layer_fn(p, x, cos, sin, segment_ids, config, kernels)
+    x = kernels.rms_norm(x, params["final_norm"], config.norm_eps)
     head = params["embed"].T if config.tie_embeddings else params["lm_head"]
     return constrain(x @ head, ("batch", "seq", "vocab"))
 
