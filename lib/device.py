@@ -79,7 +79,10 @@ def import_torch_npu():
 def _torch_npu_installed() -> bool:
     if "torch_npu" in sys.modules:
         return sys.modules["torch_npu"] is not None
-    return importlib.util.find_spec("torch_npu") is not None
+    try:
+        return importlib.util.find_spec("torch_npu") is not None
+    except ImportError:  # present but broken: importing it will say why
+        return True
 
 
 def _local_rank() -> int:

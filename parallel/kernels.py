@@ -1,0 +1,130 @@
+"""Kernels and compiler backend per device: Ascend fused ops on NPU, pure torch elsewhere.
+
+    kernels = kernels_for(dev, attention="auto")    # a models.llama.Kernels
+    logits = llama.forward(params, tokens, config, kernels=kernels)
+    step = torch.compile(step_fn, backend=compile_backend(dev))
+
+Each Ascend wrapper has the signature of the pure-torch function it replaces (models/llama.py,
+models/attention.py) and is written against torch_npu's documented API (op-plugin docs,
+torch_npu 2.x: npu_fusion_attention, npu_rms_norm, npu_rotary_mul, npu_swiglu). torch_npu is
+imported on first call, so this module loads on machines without it.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from lib.device import Device, import_torch_npu
+from lib.errors import UserError
+from models import attention as attention_lib
+from models import llama
+
+ATTENTION_CHOICES = ("auto", "reference", "sdpa", "npu_fusion")
+BACKEND_CHOICES = ("auto", "inductor", "eager", "torchair")
+
+# npu_fusion_attention's causal modes take a fixed 2048×2048 upper-triangular mask whatever the
+# sequence length (the "compressed" mask of sparse_mode 2/3); one per device is enough.
+_COMPRESSED_MASK_SIZE = 2048
+_LEFT_UP_CAUSAL = 2  # sparse_mode: causal with the diagonal starting top-left (Sq == Skv here)
+_DEFAULT_MASK = 0    # sparse_mode: the given mask as is
+_compressed_masks: dict[torch.device, torch.Tensor] = {}
+
+
+def _compressed_causal_mask(device: torch.device) -> torch.Tensor:
+    if device not in _compressed_masks:
+        ones = torch.ones(_COMPRESSED_MASK_SIZE, _COMPRESSED_MASK_SIZE, dtype=torch.bool,
+                          device=device)
+        _compressed_masks[device] = torch.triu(ones, diagonal=1)  # True = masked out
+    return _compressed_masks[device]
+
+
+def npu_fusion_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal (optionally segment-masked) attention through torch_npu.npu_fusion_attention.
+
+    q [b, s, heads, d], k/v [b, s, kv_heads, d] are already BSND; GQA is native (heads % kv == 0).
+    Its mask convention is the opposite of ours: True means "do not attend".
+    """
+    torch_npu = import_torch_npu()
+    heads, head_dim = q.shape[2], q.shape[3]
+    if segment_ids is None:
+        mask, sparse_mode = _compressed_causal_mask(q.device), _LEFT_UP_CAUSAL
+    else:
+        # Packed documents: a full [b, 1, s, s] mask. (The TND layout with actual_seq_qlen would
+        # skip the masked blocks, but needs documents laid end to end across the batch.)
+        mask = ~attention_lib.causal_mask(q.shape[1], segment_ids, q.device)
+        sparse_mode = _DEFAULT_MASK
+    out = torch_npu.npu_fusion_attention(
+        q, k, v, heads, "BSND", atten_mask=mask, scale=1.0 / math.sqrt(head_dim),
+        keep_prob=1.0, sparse_mode=sparse_mode)
+    return out[0]
+
+
+def npu_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """torch_npu.npu_rms_norm (returns (out, rstd)); it wants gamma in x's dtype."""
+    torch_npu = import_torch_npu()
+    return torch_npu.npu_rms_norm(x, weight.to(x.dtype), epsilon=eps)[0]
+
+
+def npu_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """torch_npu.npu_rotary_mul in "half" mode: x·cos + rotate_half(x)·sin, the HF layout
+    llama.apply_rope uses; x is BSND and cos/sin are [b, s, 1, d] (a documented BS1D case)."""
+    torch_npu = import_torch_npu()
+    return torch_npu.npu_rotary_mul(x, cos, sin)
+
+
+def npu_swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """torch_npu.npu_swiglu splits its input in halves [A, B] along dim and returns silu(A)·B.
+
+    The concatenation costs one copy of the activations; fusing w_gate and w_up into one weight
+    would remove it, at the price of a different parameter layout.
+    """
+    torch_npu = import_torch_npu()
+    return torch_npu.npu_swiglu(torch.cat([gate, up], dim=-1), dim=-1)
+
+
+def attention_kernel(dev: Device, name: str = "auto") -> attention_lib.AttentionFn:
+    """The attention kernel for `dev`: auto = npu_fusion on NPU, sdpa on CUDA and CPU."""
+    if name not in ATTENTION_CHOICES:
+        raise UserError(f"attention={name!r} is not one of {', '.join(ATTENTION_CHOICES)}")
+    if name == "auto":
+        name = "npu_fusion" if dev.kind == "npu" else "sdpa"
+    if name == "npu_fusion":
+        if dev.kind != "npu":
+            raise UserError(f"attention=npu_fusion needs an Ascend NPU, but the device is {dev.kind}")
+        return npu_fusion_attention
+    return attention_lib.KERNELS[name]
+
+
+def kernels_for(dev: Device, attention: str = "auto", fused: bool = True) -> llama.Kernels:
+    """The model's kernels on `dev`. On NPU, `fused` picks torch_npu's fused RMSNorm, RoPE and
+    SwiGLU (fused=False keeps the pure-torch ones, e.g. to bisect a numerical difference)."""
+    attn = attention_kernel(dev, attention)
+    if dev.kind == "npu" and fused:
+        return llama.Kernels(attention=attn, rms_norm=npu_rms_norm, rope=npu_rope, swiglu=npu_swiglu)
+    return llama.Kernels(attention=attn)
+
+
+def compile_backend(dev: Device, name: str = "auto") -> str | Callable:
+    """The torch.compile backend: auto = torchair's NPU backend on NPU, inductor elsewhere.
+
+    "eager" traces with dynamo but runs the captured graph as is (no code generation): useful to
+    separate tracing problems from compiler ones. Not compiling at all is the caller's choice.
+    """
+    if name not in BACKEND_CHOICES:
+        raise UserError(f"compile backend {name!r} is not one of {', '.join(BACKEND_CHOICES)}")
+    if name == "auto":
+        name = "torchair" if dev.kind == "npu" else "inductor"
+    if name != "torchair":
+        return name
+    if dev.kind != "npu":
+        raise UserError(f"compile backend torchair needs an Ascend NPU, but the device is {dev.kind}")
+    import_torch_npu()
+    try:
+        import torchair
+    except ImportError as e:
+        raise UserError(f"torchair (shipped with torch_npu) failed to import: {e}; "
+                        "use compile backend=eager or compile=false") from e
+    return torchair.get_npu_backend(compiler_config=torchair.CompilerConfig())
