@@ -1,0 +1,408 @@
+"""Training-state checkpoints on orbax-checkpoint: sharded, async, atomic, resharding on restore.
+
+A state is a pytree (dicts, lists, tuples) of torch tensors, some of them DTensors sharded over a
+torch DeviceMesh. Each leaf is saved as a *global* jax.Array built from this rank's local shard,
+so every rank writes only its own slice and a restore under another mesh or world size reads only
+the slices it needs. Beside the arrays each checkpoint holds `extra`, a JSON dict (data position,
+RNG state, resolved config).
+
+Layout: `<dir>/<step>/state` (orbax PyTree, OCDBT) and `<dir>/<step>/extra` (JSON). orbax writes a
+step into `<step>.orbax-checkpoint-tmp-*` and renames it when complete, so a killed save leaves
+the previous steps readable and the half-written one is never listed.
+
+Several processes: each rank calls `jax.distributed.initialize` (jax's coordination service, beside
+torch's gloo/nccl group) so orbax can agree on one checkpoint. The coordinator listens on
+`MASTER_ADDR:MASTER_PORT+1` (torchrun sets both); that port must be free on the master host.
+
+Limits: one jax CPU device per process; a leaf whose sharding jax cannot express (uneven shards,
+`_StridedShard`) is gathered and written replicated; all ranks must hold the same tree of keys
+(pipeline stages holding different layers are not supported).
+"""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lib.errors import UserError
+
+# jax and orbax are imported lazily: importing them costs seconds and starts threads (no fork after).
+
+STATE_ITEM, EXTRA_ITEM = "state", "extra"
+KEY_SEP = "."
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    dir: str | None = None  # where this run's checkpoints go; None: never save
+    every: int = 1000  # save when step % every == 0
+    keep: int = 3  # keep the last K checkpoints
+    async_save: bool = True  # write in the background; training waits only for the host copy
+    load: str | None = None  # native checkpoint (root or step dir) to start from when `dir` has none
+    finetune: bool = False  # with `load`: take params only, fresh step and optimizer
+
+
+# ---------------------------------------------------------------------------------------------
+# pytree <-> flat {"params.layers.0.wq": tensor}
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Leaves of a dict/list/tuple tree keyed by their dotted path, in insertion order."""
+    if isinstance(tree, dict):
+        items = [(str(k), v) for k, v in tree.items()]
+    elif isinstance(tree, (list, tuple)):
+        items = [(str(i), v) for i, v in enumerate(tree)]
+    else:
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for k, v in items:
+        if KEY_SEP in k:
+            raise ValueError(f"state key {k!r} contains {KEY_SEP!r}")
+        out.update(flatten(v, f"{prefix}{KEY_SEP}{k}" if prefix else k))
+    return out
+
+
+def unflatten_like(target: Any, flat: dict[str, Any], prefix: str = "") -> Any:
+    """The tree of `target`'s structure with leaves taken from `flat` by path."""
+    def child(k: str) -> str:
+        return f"{prefix}{KEY_SEP}{k}" if prefix else k
+    if isinstance(target, dict):
+        return {k: unflatten_like(v, flat, child(str(k))) for k, v in target.items()}
+    if isinstance(target, (list, tuple)):
+        return type(target)(unflatten_like(v, flat, child(str(i))) for i, v in enumerate(target))
+    return flat[prefix]
+
+
+# ---------------------------------------------------------------------------------------------
+# torch <-> numpy, bit-exact (bf16 through an int16 view: no float conversion)
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    """A host copy of `t` (never a view: training may overwrite `t` while an async save runs)."""
+    t = t.detach().to("cpu", copy=True).contiguous()
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def _to_torch(a: np.ndarray) -> torch.Tensor:
+    import ml_dtypes
+    a = np.array(a, copy=True)  # jax buffers are read-only
+    if a.dtype == ml_dtypes.bfloat16:
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    if dtype == torch.bfloat16:
+        import ml_dtypes
+        return np.dtype(ml_dtypes.bfloat16)
+    return torch.empty(0, dtype=dtype).numpy().dtype
+
+
+# ---------------------------------------------------------------------------------------------
+# torch placements <-> jax shardings
+
+
+def _is_dtensor(t: Any) -> bool:
+    from torch.distributed.tensor import DTensor
+    return isinstance(t, DTensor)
+
+
+def _my_device():
+    import jax
+    return jax.local_devices()[0]
+
+
+def _jax_mesh(ranks: np.ndarray, names: tuple[str, ...]):
+    """A jax Mesh whose device at each coordinate belongs to the process of that torch rank."""
+    import jax
+    from jax.sharding import Mesh
+    by_process = {d.process_index: d for d in jax.devices()}
+    return Mesh(np.vectorize(by_process.__getitem__, otypes=[object])(ranks), names)
+
+
+def _world_mesh():
+    import jax
+    return _jax_mesh(np.arange(jax.process_count()), ("world",))
+
+
+def _sharding_of(t: torch.Tensor):
+    """The jax NamedSharding equivalent to `t`'s placements, or None if jax cannot express it."""
+    from jax.sharding import NamedSharding, PartitionSpec
+    from torch.distributed.tensor import Replicate, Shard
+    if not _is_dtensor(t):
+        return NamedSharding(_world_mesh(), PartitionSpec())
+    mesh = t.device_mesh
+    names = mesh.mesh_dim_names or tuple(f"mesh{i}" for i in range(mesh.ndim))
+    axes_per_dim: list[list[str]] = [[] for _ in range(t.ndim)]
+    for name, placement in zip(names, t.placements):
+        if type(placement) is Shard:
+            axes_per_dim[placement.dim].append(name)
+        elif not isinstance(placement, Replicate):  # Partial is reduced first; _StridedShard: no
+            return None
+    for size, axes in zip(t.shape, axes_per_dim):
+        parts = int(np.prod([mesh.size(names.index(a)) for a in axes])) if axes else 1
+        if size % parts:
+            return None  # torch pads the last shard short; a jax sharding needs equal blocks
+    spec = PartitionSpec(*(None if not a else a[0] if len(a) == 1 else tuple(a) for a in axes_per_dim))
+    return NamedSharding(_jax_mesh(mesh.mesh.cpu().numpy(), tuple(names)), spec)
+
+
+def _to_global_array(t: torch.Tensor):
+    import jax
+    from torch.distributed.tensor import Partial, Replicate
+    if _is_dtensor(t):
+        if any(isinstance(p, Partial) for p in t.placements):
+            t = t.redistribute(placements=[Replicate() if isinstance(p, Partial) else p for p in t.placements])
+        sharding = _sharding_of(t)
+        local = t.to_local() if sharding is not None else t.full_tensor()
+        if sharding is None:
+            sharding = _sharding_of(local)
+    else:
+        local, sharding = t, _sharding_of(t)
+    piece = jax.device_put(_to_numpy(local), _my_device())
+    return jax.make_array_from_single_device_arrays(tuple(t.shape), sharding, [piece])
+
+
+def _from_global_array(arr, target: torch.Tensor) -> torch.Tensor:
+    """Place a restored jax array (sharded like `target`, or replicated) as `target` is placed."""
+    local = _to_torch(arr.addressable_shards[0].data)
+    if not _is_dtensor(target):
+        return local.to(target.device)
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    local = local.to(target.to_local().device)
+    if tuple(local.shape) == tuple(target.shape) and _sharding_of(target) is None:
+        return distribute_tensor(local, target.device_mesh, target.placements, src_data_rank=None)
+    return DTensor.from_local(local, target.device_mesh, target.placements, run_check=False,
+                              shape=target.shape, stride=target.stride())
+
+
+def _restore_arg(target: torch.Tensor):
+    import orbax.checkpoint as ocp
+    sharding = _sharding_of(target) if _is_dtensor(target) else None
+    if sharding is None:
+        from jax.sharding import NamedSharding, PartitionSpec
+        mesh = _world_mesh() if not _is_dtensor(target) else _jax_mesh(
+            target.device_mesh.mesh.cpu().numpy(), tuple(f"m{i}" for i in range(target.device_mesh.ndim)))
+        sharding = NamedSharding(mesh, PartitionSpec())
+    return ocp.ArrayRestoreArgs(sharding=sharding, global_shape=tuple(target.shape),
+                                dtype=_numpy_dtype(target.dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# jax process group
+
+
+def _init_jax(rank: int, world: int) -> None:
+    import jax
+    jax.config.update("jax_platforms", "cpu")  # host arrays only; never grab the accelerator
+    jax.config.update("jax_enable_x64", True)  # keep int64/float64 leaves as they are
+    if world == 1 or jax.distributed.is_initialized():
+        return
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not addr or not port:
+        raise UserError("a multi-process checkpoint needs MASTER_ADDR and MASTER_PORT (torchrun sets them)")
+    jax.distributed.initialize(coordinator_address=f"{addr}:{int(port) + 1}", num_processes=world,
+                               process_id=rank)
+
+
+# ---------------------------------------------------------------------------------------------
+# paths
+
+
+def _step_dirs(root: Path) -> list[int]:
+    return sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit()) if root.is_dir() else []
+
+
+def is_native_checkpoint(path: str | os.PathLike) -> bool:
+    """True for a checkpoint root (holding committed `<step>/` dirs) or one step dir of it."""
+    p = Path(path)
+    if (p / STATE_ITEM).is_dir() and (p / EXTRA_ITEM).exists():
+        return True
+    return any((p / str(s) / STATE_ITEM).is_dir() for s in _step_dirs(p))
+
+
+def _split_load_path(path: str) -> tuple[Path, int | None]:
+    """(root, step) for a root dir (step None: its latest) or a `<root>/<step>` dir."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"load: checkpoint {path} does not exist")
+    if p.name.isdigit() and (p / STATE_ITEM).is_dir():
+        return p.parent, int(p.name)
+    if not is_native_checkpoint(p):
+        raise UserError(f"load: {path} is not a checkpoint written by this project (no <step>/state inside)")
+    return p, None
+
+
+def _check_writable(d: Path) -> None:
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=d)
+        os.write(fd, b"probe")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"checkpoint dir {d} is not writable: {e.strerror or e}") from e
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class Checkpointer:
+    """Saves and restores the training state of this run; every rank constructs one and calls
+    every method (they synchronise inside)."""
+
+    def __init__(self, cfg: CheckpointConfig, rank: int = 0, world: int = 1):
+        if cfg.every < 1 or cfg.keep < 1:
+            raise UserError(f"checkpoint.every and checkpoint.keep must be >= 1, got {cfg.every} and {cfg.keep}")
+        if cfg.finetune and not cfg.load:
+            raise UserError("checkpoint.finetune=true needs checkpoint.load=<checkpoint or HF dir>")
+        self.cfg, self.rank, self.world = cfg, rank, world
+        _init_jax(rank, world)
+        self._manager = None
+        if cfg.dir:
+            if rank == 0:
+                _check_writable(Path(cfg.dir))
+            self._manager = self._open(Path(cfg.dir), read_only=False)
+
+    def _open(self, root: Path, read_only: bool):
+        import orbax.checkpoint as ocp
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=self.cfg.keep, enable_async_checkpointing=self.cfg.async_save,
+            create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only)
+        handlers = {STATE_ITEM: ocp.PyTreeCheckpointHandler(), EXTRA_ITEM: ocp.JsonCheckpointHandler()}
+        return ocp.CheckpointManager(root.absolute(), options=options, item_handlers=handlers)
+
+    # -- saving ---------------------------------------------------------------------------------
+
+    def save(self, step: int, state: Any, extra: dict | None = None, *, force: bool = False) -> bool:
+        """Save `state` (+ JSON `extra`) as `step` if it is a multiple of `every` (or `force`).
+        Returns once the arrays are copied to host memory; with async_save the disk write goes
+        on in the background (call `wait()` before reading it back or exiting)."""
+        if self._manager is None or not (force or step % self.cfg.every == 0):
+            return False
+        if step in self._manager.all_steps():
+            return False  # e.g. the last step of a run that resumed exactly there
+        import orbax.checkpoint as ocp
+        arrays = {k: _to_global_array(v) for k, v in flatten(state).items()}
+        try:
+            self._manager.save(step, args=ocp.args.Composite(
+                **{STATE_ITEM: ocp.args.PyTreeSave(arrays), EXTRA_ITEM: ocp.args.JsonSave(extra or {})}),
+                force=True)
+        except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for I/O
+            raise self._save_error(e) from e
+        return True
+
+    def wait(self) -> None:
+        """Block until the last async save is committed (raises its error, if any)."""
+        if self._manager is not None:
+            try:
+                self._manager.wait_until_finished()
+            except Exception as e:  # noqa: BLE001
+                raise self._save_error(e) from e
+
+    def _save_error(self, e: Exception) -> UserError:
+        last = self.latest_step()
+        kept = f"; the last committed checkpoint (step {last}) is intact" if last is not None else ""
+        return UserError(f"saving a checkpoint to {self.cfg.dir} failed: {type(e).__name__}: {e}{kept}")
+
+    # -- restoring ------------------------------------------------------------------------------
+
+    def latest_step(self) -> int | None:
+        """The newest committed step in `dir` (half-written steps are never listed)."""
+        return None if self._manager is None else self._manager.latest_step()
+
+    def can_restore(self) -> bool:
+        """True when `restore` has something to read: a checkpoint in `dir`, or `load`."""
+        return self.latest_step() is not None or bool(self.cfg.load)
+
+    def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict]:
+        """The checkpointed state in `target`'s tree, dtypes, devices and placements, and `extra`.
+
+        Reads `dir` (the given or latest step) when it holds a checkpoint, else `load`; with
+        `finetune` a `load` gives params only (target's opt and step are kept) and extra {}."""
+        if step is not None or self.latest_step() is not None:
+            root, manager = Path(self.cfg.dir), self._manager
+            step = self.latest_step() if step is None else step
+            if step not in manager.all_steps():
+                raise UserError(f"no checkpoint for step {step} in {root} (have {manager.all_steps()})")
+            params_only = False
+        elif self.cfg.load:
+            root, step = _split_load_path(self.cfg.load)
+            manager = self._open(root, read_only=True)
+            step = manager.latest_step() if step is None else step
+            params_only = self.cfg.finetune
+        else:
+            raise UserError("nothing to restore: no checkpoint in checkpoint.dir and no checkpoint.load")
+        where = root / str(step)
+        flat_target = flatten(target)
+        wanted = {k: v for k, v in flat_target.items() if not params_only or k.split(KEY_SEP)[0] == "params"}
+        self._check_shapes(manager, step, where, wanted, exact=not params_only)
+        import orbax.checkpoint as ocp
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(**{
+                STATE_ITEM: ocp.args.PyTreeRestore(
+                    restore_args={k: _restore_arg(v) for k, v in wanted.items()}, partial_restore=params_only),
+                EXTRA_ITEM: ocp.args.JsonRestore()}))
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"cannot read checkpoint {where}: {type(e).__name__}: {e}") from e
+        arrays = restored[STATE_ITEM]
+        flat = {k: _from_global_array(arrays[k], v) if k in wanted else v for k, v in flat_target.items()}
+        extra = {} if params_only else dict(restored[EXTRA_ITEM] or {})
+        return unflatten_like(target, flat), extra
+
+    def _check_shapes(self, manager, step: int, where: Path, wanted: dict, exact: bool) -> None:
+        try:
+            saved = manager.item_metadata(step)[STATE_ITEM].tree
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"cannot read checkpoint {where}: {type(e).__name__}: {e}") from e
+        if saved is None:
+            raise UserError(f"cannot read checkpoint {where}: no state metadata")
+        for key, t in wanted.items():
+            if key not in saved:
+                raise UserError(f"checkpoint {where} has no {key!r} (model shape {tuple(t.shape)}); "
+                                "was it written for another model?")
+            if tuple(saved[key].shape) != tuple(t.shape):
+                raise UserError(f"checkpoint {where}: {key!r} has shape {tuple(saved[key].shape)}, "
+                                f"the model expects {tuple(t.shape)}")
+        if exact:
+            extra_keys = [k for k in saved if k not in wanted]
+            if extra_keys:
+                raise UserError(f"checkpoint {where} has {extra_keys[0]!r} (shape "
+                                f"{tuple(saved[extra_keys[0]].shape)}), which the model does not")
+
+    def close(self) -> None:
+        """Finish pending saves and release orbax's threads (and jax's process group)."""
+        if self._manager is not None:
+            self.wait()
+            self._manager.close()
+            self._manager = None
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG state as JSON, for `extra`
+
+
+def rng_state() -> dict:
+    """torch's CPU (and CUDA, if in use) generator states as JSON-able strings."""
+    enc: Callable[[torch.Tensor], str] = lambda t: base64.b64encode(t.numpy().tobytes()).decode()
+    out = {"torch_cpu": enc(torch.get_rng_state())}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["torch_cuda"] = [enc(s) for s in torch.cuda.get_rng_state_all()]
+    return out
+
+
+def set_rng_state(state: dict) -> None:
+    dec = lambda s: torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+    torch.set_rng_state(dec(state["torch_cpu"]))
+    if "torch_cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([dec(s) for s in state["torch_cuda"]])
