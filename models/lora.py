@@ -1,0 +1,181 @@
+"""LoRA as a pure transformation of the parameter tree and the forward pass.
+
+    adapters = init_adapters(config, lora_cfg, seed)            # {"layers": [{"wq": {"a", "b"}}, ...]}
+    logits   = lora_forward(params, adapters, tokens, config, lora_cfg)
+    train, frozen = trainable(params, adapters, lora_cfg)      # differentiate `train` only
+    merged   = merge(params, adapters, lora_cfg)               # plain params again
+
+A targeted weight w [in, out] gains A [in, r] and B [r, out]; the layer computes
+x @ w + dropout(x) @ A @ B * (alpha / r), as PEFT does. Nothing is patched: `lora_forward` hands
+`models.llama.forward` a parameter tree whose targeted leaves are `LoraWeight`s, and the model's
+own `x @ p["wq"]` lands in `LoraWeight.__rmatmul__`. The low-rank path stays a separate pair of
+skinny matmuls, so w + A@B is never materialised and dropout acts on the activations.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from models import llama
+
+Params = dict[str, Any]
+Adapters = dict[str, Any]
+
+# Short target names (as users write them) -> our layer parameter names.
+TARGETS: dict[str, str] = {
+    "q": "wq", "k": "wk", "v": "wv", "o": "wo",
+    "gate": "w_gate", "up": "w_up", "down": "w_down",
+}
+SAVABLE_MODULES = ("embed", "lm_head")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+    modules_to_save: tuple[str, ...] = ()  # subset of ("embed", "lm_head"): trained in full
+
+    def __post_init__(self):
+        if self.r <= 0:
+            raise ValueError(f"r={self.r} must be positive")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        if not self.target_modules:
+            raise ValueError("target_modules is empty; choose from " + ", ".join(TARGETS))
+        for name in self.target_modules:
+            if name not in TARGETS:
+                raise ValueError(f"unknown target module {name!r}; choose from {', '.join(TARGETS)}")
+        for name in self.modules_to_save:
+            if name not in SAVABLE_MODULES:
+                raise ValueError(f"unknown module to save {name!r}; choose from {', '.join(SAVABLE_MODULES)}")
+        if len(set(self.target_modules)) != len(self.target_modules):
+            raise ValueError(f"target_modules has duplicates: {list(self.target_modules)}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        """The layer parameters that carry an adapter, in `TARGETS` order."""
+        return tuple(p for t, p in TARGETS.items() if t in self.target_modules)
+
+
+def _check_saved_modules(config: llama.Config, lora_cfg: LoraConfig) -> None:
+    if config.tie_embeddings and "lm_head" in lora_cfg.modules_to_save:
+        raise ValueError("modules_to_save has 'lm_head' but the model ties it to 'embed'; save 'embed'")
+
+
+def init_adapters(config: llama.Config, lora_cfg: LoraConfig, seed: int = 0,
+                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Adapters:
+    """Fresh adapters: A uniform in ±1/sqrt(in) (PEFT's kaiming-uniform, a=sqrt(5)), B zero.
+
+    B = 0 makes the adapted model start exactly at the base model.
+    """
+    _check_saved_modules(config, lora_cfg)
+    generator = torch.Generator().manual_seed(seed)
+    shapes = llama.param_shapes(config)["layers"]
+    layers = []
+    for layer_shapes in shapes:
+        layer = {}
+        for name in lora_cfg.param_names:
+            fan_in, fan_out = layer_shapes[name]
+            bound = 1.0 / math.sqrt(fan_in)
+            a = torch.empty(fan_in, lora_cfg.r).uniform_(-bound, bound, generator=generator)
+            layer[name] = {"a": a.to(device=device, dtype=dtype),
+                           "b": torch.zeros(lora_cfg.r, fan_out, dtype=dtype, device=device)}
+        layers.append(layer)
+    return {"layers": layers}
+
+
+def adapter_axes(config: llama.Config, lora_cfg: LoraConfig) -> Adapters:
+    """Logical axes of the adapter tree (the rank axis is never sharded)."""
+    axes = llama.param_axes(config)["layers"]
+    return {"layers": [{name: {"a": (layer[name][0], None), "b": (None, layer[name][1])}
+                        for name in lora_cfg.param_names} for layer in axes]}
+
+
+class LoraWeight:
+    """A weight that, right-multiplied by activations, adds the low-rank update.
+
+    `x @ LoraWeight(...)` works because torch's `Tensor.__matmul__` gives up on a non-tensor
+    operand and Python falls back to `__rmatmul__`: models/llama.py needs no LoRA hook.
+    """
+
+    def __init__(self, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
+                 dropout: float, generator: torch.Generator | None):
+        self.w, self.a, self.b = w, a, b
+        self.scale, self.dropout, self.generator = scale, dropout, generator
+
+    def __rmatmul__(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        if self.generator is not None and self.dropout > 0:
+            keep = torch.rand(x.shape, generator=self.generator, device=x.device) >= self.dropout
+            h = x * keep.to(x.dtype) / (1.0 - self.dropout)
+        return x @ self.w + (h @ self.a @ self.b) * self.scale
+
+
+def lora_forward(params: Params, adapters: Adapters, tokens: torch.Tensor, config: llama.Config,
+                 lora_cfg: LoraConfig, *, dropout_generator: torch.Generator | None = None,
+                 **forward_kw) -> torch.Tensor:
+    """Logits of the adapted model; `forward_kw` goes to `models.llama.forward`.
+
+    dropout_generator: None for evaluation (no dropout); in training, a generator on the
+    activations' device from which each adapted matmul draws its own dropout mask.
+    """
+    if len(adapters["layers"]) != len(params["layers"]):
+        raise ValueError(f"adapters have {len(adapters['layers'])} layers, params {len(params['layers'])}")
+    layers = []
+    for p, ad in zip(params["layers"], adapters["layers"]):
+        layer = dict(p)
+        for name, ab in ad.items():
+            layer[name] = LoraWeight(p[name], ab["a"], ab["b"], lora_cfg.scale, lora_cfg.dropout,
+                                     dropout_generator)
+        layers.append(layer)
+    return llama.forward({**params, "layers": layers}, tokens, config, **forward_kw)
+
+
+def lora_loss_fn(train: Params, frozen: Params, batch: dict[str, torch.Tensor],
+                 config: llama.Config, lora_cfg: LoraConfig, **forward_kw) -> torch.Tensor:
+    """Mean token loss as a function of the trainable tree, for `torch.func.grad(argnums=0)`."""
+    params, adapters = combine(train, frozen)
+    logits = lora_forward(params, adapters, batch["tokens"], config, lora_cfg,
+                          positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
+                          **forward_kw)
+    return llama.cross_entropy(logits, batch["labels"])
+
+
+def trainable(params: Params, adapters: Adapters, lora_cfg: LoraConfig) -> tuple[Params, Params]:
+    """Split into (trainable, frozen): adapters plus modules_to_save train, the rest is frozen.
+
+    trainable = {"adapters": adapters, "modules": {"embed": ..., "lm_head": ...}}
+    frozen    = params without the modules to save.
+    """
+    missing = [m for m in lora_cfg.modules_to_save if m not in params]
+    if missing:
+        raise ValueError(f"modules_to_save {missing} not in params (tied embeddings have no lm_head)")
+    modules = {m: params[m] for m in lora_cfg.modules_to_save}
+    frozen = {k: v for k, v in params.items() if k not in modules}
+    return {"adapters": adapters, "modules": modules}, frozen
+
+
+def combine(train: Params, frozen: Params) -> tuple[Params, Adapters]:
+    """Inverse of `trainable`: (params, adapters)."""
+    return {**frozen, **train["modules"]}, train["adapters"]
+
+
+def merge(params: Params, adapters: Adapters, lora_cfg: LoraConfig) -> Params:
+    """Plain params with every adapter folded in: w + (alpha / r) * A @ B (computed in fp32)."""
+    layers = []
+    for p, ad in zip(params["layers"], adapters["layers"], strict=True):
+        layer = dict(p)
+        for name, ab in ad.items():
+            delta = (ab["a"].float() @ ab["b"].float()) * lora_cfg.scale
+            layer[name] = (p[name].float() + delta).to(p[name].dtype)
+        layers.append(layer)
+    return {**params, "layers": layers}
