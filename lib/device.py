@@ -99,6 +99,11 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+def _torch_device(kind: str, index: int) -> torch.device:
+    # "npu" is a valid device type only once torch_npu has registered it.
+    return torch.device(kind, index)
+
+
 def detect(name: str = "auto") -> Device:
     """The device to run on: `name` is auto | npu | cuda | cpu.
 
@@ -115,11 +120,11 @@ def detect(name: str = "auto") -> Device:
                 raise UserError("device=npu: torch_npu loaded but sees no NPU "
                                 "(check `npu-smi info` and ASCEND_RT_VISIBLE_DEVICES)")
         else:
-            return Device("npu", torch.device("npu", index), _BACKENDS["npu"],
+            return Device("npu", _torch_device("npu", index), _BACKENDS["npu"],
                           torch.npu.get_device_name(index))
     if name in ("cuda", "auto"):
         if torch.cuda.is_available():
-            return Device("cuda", torch.device("cuda", index), _BACKENDS["cuda"],
+            return Device("cuda", _torch_device("cuda", index), _BACKENDS["cuda"],
                           torch.cuda.get_device_name(index))
         if name == "cuda":
             raise UserError("device=cuda but torch sees no CUDA GPU "
