@@ -1,0 +1,100 @@
+"""The data path: indexed datasets, sample indices, blending, instruction data and batches.
+
+    cfg = DataConfig(paths=("data/corpus_text_document",), seq_len=2048, seed=1234)
+    sets = build_datasets(cfg, {"train": steps * global_batch, "valid": ..., "test": ...})
+    for batch in batches(sets["train"], global_batch, consumed_samples, rank, world): ...
+
+A path is a Megatron prefix: `<p>.bin/.idx` for pretraining text, or the prefix of
+`<p>_input_ids_document` / `<p>_loss_mask_document` for instruction data.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from lib.data.blend import BlendedDataset, normalize_weights, samples_per_dataset
+from lib.data.gpt_dataset import GPTDataset, SPLITS, split_ranges
+from lib.data.indexed import IndexedDataset, exists
+from lib.data.loader import batches
+from lib.data.sft_dataset import IDS_SUFFIX, SFTDataset, open_sft_pair
+from lib.errors import UserError
+
+__all__ = ["DataConfig", "build_datasets", "batches", "IndexedDataset"]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    paths: tuple[str, ...] = ()
+    weights: tuple[float, ...] | None = None  # one per path; None = equal
+    split: str = "969,30,1"  # train,valid,test proportions of each path's documents
+    seq_len: int = 2048
+    seed: int = 1234
+    tokenizer: str | None = None  # only used for the pad id of instruction data
+    cache_dir: str | None = None  # index cache; default `<data folder>/cache`
+
+
+def _kind(path: str) -> str:
+    if exists(path):
+        return "text"
+    if exists(path + IDS_SUFFIX):
+        return "sft"
+    raise UserError(f"data path {path!r}: found neither {path}.bin/.idx (pretraining text) nor "
+                    f"{path}{IDS_SUFFIX}.bin/.idx (instruction data)")
+
+
+def _pad_id(cfg: DataConfig) -> int:
+    if cfg.tokenizer is None:
+        return 0  # padding is never attended (segment 0) nor trained (-100): any id is correct
+    from lib.tokenizer import load_tokenizer
+    return load_tokenizer(cfg.tokenizer).pad_id
+
+
+def build_datasets(cfg: DataConfig, num_samples: dict[str, int], max_seq_len: int | None = None) -> dict:
+    """Datasets for the splits asked for with a positive sample count ("train", "valid", "test").
+
+    Each has at least that many samples; `max_seq_len` (the model's) rejects a longer `cfg.seq_len`.
+    """
+    if not cfg.paths:
+        raise UserError("data.paths is empty: give at least one dataset prefix")
+    if cfg.seq_len < 1:
+        raise UserError(f"data.seq_len {cfg.seq_len}: must be positive")
+    if max_seq_len is not None and cfg.seq_len > max_seq_len:
+        raise UserError(f"data.seq_len {cfg.seq_len} is longer than the model's maximum sequence length {max_seq_len}")
+    unknown = set(num_samples) - set(SPLITS)
+    if unknown:
+        raise ValueError(f"unknown splits {sorted(unknown)}")
+    weights = normalize_weights(cfg.weights, len(cfg.paths))
+    kinds = {p: _kind(p) for p in cfg.paths}
+    if len(set(kinds.values())) > 1:
+        raise UserError(f"data paths mix pretraining text and instruction data: {kinds}")
+    pad_id = _pad_id(cfg) if "sft" in kinds.values() else 0
+
+    def one(path: str, split: str, n: int):
+        cache = cfg.cache_dir
+        if kinds[path] == "text":
+            data = IndexedDataset(path)
+            rng = split_ranges(data.num_documents, cfg.split)[split]
+            if rng[1] <= rng[0]:
+                raise UserError(f"{path}: split {cfg.split!r} leaves the {split} set no documents "
+                                f"(of {data.num_documents}); change data.split or ask for no {split} samples")
+            return GPTDataset(data, rng, n, cfg.seq_len, cfg.seed, cache, name=split)
+        ids, _ = open_sft_pair(path)
+        rng = split_ranges(ids.num_documents, cfg.split)[split]
+        if rng[1] <= rng[0]:
+            raise UserError(f"{path}: split {cfg.split!r} leaves the {split} set no examples "
+                            f"(of {ids.num_documents}); change data.split or ask for no {split} samples")
+        return SFTDataset(path, rng, n, cfg.seq_len, cfg.seed, pad_id, cache, name=split)
+
+    out = {}
+    for split, n in num_samples.items():
+        if n <= 0:
+            continue
+        if len(cfg.paths) == 1:
+            out[split] = one(cfg.paths[0], split, n)
+            continue
+        parts = [one(p, split, m) for p, m in zip(cfg.paths, samples_per_dataset(weights, n))]
+        cache = cfg.cache_dir or os.path.join(os.path.dirname(cfg.paths[0]), "cache")
+        key = {"paths": [os.path.abspath(p) for p in cfg.paths], "split": split, "cfg_split": cfg.split,
+               "seq_len": cfg.seq_len, "seed": cfg.seed}
+        out[split] = BlendedDataset(parts, weights, n, cache, key)
+    return out

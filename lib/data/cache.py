@@ -1,0 +1,59 @@
+"""Index arrays built once and cached on disk as .npy, keyed by a hash of what they depend on.
+
+With torch.distributed initialised, rank 0 builds and the other ranks wait for the files: the
+indices are identical everywhere, and building them on every rank would race on the same paths.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from lib.errors import UserError
+
+WAIT_TIMEOUT_S = 600.0
+
+
+def _rank() -> int:
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return 0
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def cached_arrays(cache_dir: str | os.PathLike, kind: str, key: dict,
+                  build: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Load `kind`'s arrays for `key` from `cache_dir`, building (rank 0) and saving them if absent."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    base = Path(cache_dir) / f"{kind}-{digest}"
+    # The description file is written last: its presence means every array is complete.
+    done = Path(f"{base}.json")
+    if not done.exists():
+        if _rank() == 0:
+            arrays = build()
+            try:
+                base.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise UserError(f"{base.parent}: cannot create the dataset index cache folder ({e})") from e
+            for name, arr in arrays.items():
+                tmp = f"{base}-{name}.tmp{os.getpid()}.npy"
+                np.save(tmp, arr)
+                os.replace(tmp, f"{base}-{name}.npy")
+            tmp = f"{done}.tmp{os.getpid()}"
+            Path(tmp).write_text(json.dumps({"key": key, "arrays": sorted(arrays)}, indent=1, sort_keys=True))
+            os.replace(tmp, done)
+            return arrays
+        deadline = time.monotonic() + WAIT_TIMEOUT_S
+        while not done.exists():
+            if time.monotonic() > deadline:
+                raise UserError(f"{done}: rank 0 did not build the dataset index in {WAIT_TIMEOUT_S:.0f} s "
+                                "(is the cache folder on a filesystem every rank sees?)")
+            time.sleep(0.1)
+    names = json.loads(done.read_text())["arrays"]
+    return {name: np.load(f"{base}-{name}.npy", mmap_mode="r") for name in names}

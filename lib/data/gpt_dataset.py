@@ -1,0 +1,137 @@
+"""Fixed-length pretraining samples over an indexed dataset, built the way Megatron's GPTDataset is.
+
+Three index arrays, all numpy-vectorised and cached on disk:
+
+- document index: the split's document ids repeated for as many epochs as the requested samples
+  need, shuffled with the seed;
+- sample index: `(position in document index, token offset)` where each sample starts. Sample i
+  covers `seq_len + 1` tokens of the concatenated stream (it may span documents) and shares its
+  last token with the next sample's first, so labels are the tokens shifted by one;
+- shuffle index: a seeded permutation of the samples.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from lib.data.cache import cached_arrays
+from lib.data.indexed import IndexedDataset
+from lib.errors import UserError
+
+INDEX_VERSION = 1  # bump when the index construction changes, to invalidate old caches
+SPLITS = ("train", "valid", "test")
+
+
+def parse_split(split: str) -> list[float]:
+    """ "969,30,1" -> normalised weights for train/valid/test (missing trailing parts are 0)."""
+    try:
+        parts = [float(p) for p in split.replace("/", ",").split(",")]
+    except ValueError:
+        raise UserError(f"split {split!r}: expected comma-separated numbers like '969,30,1'") from None
+    if len(parts) > 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
+        raise UserError(f"split {split!r}: expected up to three non-negative numbers with a positive sum")
+    parts += [0.0] * (3 - len(parts))
+    return [p / sum(parts) for p in parts]
+
+
+def split_ranges(num_documents: int, split: str) -> dict[str, tuple[int, int]]:
+    """Document ranges [lo, hi) of train/valid/test, rounded as Megatron does."""
+    bounds = [0]
+    for w in parse_split(split):
+        bounds.append(bounds[-1] + int(round(w * num_documents)))
+    excess = bounds[-1] - num_documents
+    bounds = [bounds[0]] + [b - excess for b in bounds[1:]]
+    return {name: (bounds[i], bounds[i + 1]) for i, name in enumerate(SPLITS)}
+
+
+def num_epochs_needed(tokens_per_epoch: int, seq_len: int, num_samples: int) -> int:
+    # Samples overlap by one token, so e epochs give (e * tokens - 1) // seq_len samples.
+    needed = num_samples * seq_len + 1
+    return max(1, math.ceil(needed / tokens_per_epoch))
+
+
+def build_document_index(documents: np.ndarray, num_epochs: int, rng: np.random.RandomState) -> np.ndarray:
+    index = np.tile(documents.astype(np.int32), num_epochs)
+    rng.shuffle(index)
+    return index
+
+
+def build_sample_index(lengths_in_order: np.ndarray, seq_len: int, num_samples: int) -> np.ndarray:
+    """[num_samples + 1, 2] int64 of (document-index position, offset) where each sample starts.
+
+    Sample i spans stream tokens [i * seq_len, (i + 1) * seq_len]; a start is located by binary
+    search in the cumulative document ends, skipping empty documents.
+    """
+    ends = np.cumsum(lengths_in_order, dtype=np.int64)
+    starts = np.arange(num_samples + 1, dtype=np.int64) * seq_len
+    if num_samples and starts[-1] >= ends[-1]:
+        raise ValueError("not enough tokens for the requested samples")
+    doc = np.searchsorted(ends, starts, side="right")
+    offset = starts - (ends[doc] - lengths_in_order[doc])
+    return np.stack([doc, offset], axis=1)
+
+
+def build_shuffle_index(num_samples: int, rng: np.random.RandomState) -> np.ndarray:
+    dtype = np.uint32 if num_samples < 2**32 - 1 else np.int64
+    index = np.arange(num_samples, dtype=dtype)
+    rng.shuffle(index)
+    return index
+
+
+def default_cache_dir(prefix: str) -> str:
+    return str(Path(prefix).parent / "cache")
+
+
+def _file_key(prefix: str) -> dict:
+    st = os.stat(f"{prefix}.idx")
+    return {"prefix": os.path.abspath(prefix), "idx_size": st.st_size, "idx_mtime_ns": st.st_mtime_ns}
+
+
+class GPTDataset:
+    """`ds[i]` -> {"tokens": int64[seq_len], "labels": int64[seq_len]}; len(ds) >= num_samples."""
+
+    def __init__(self, data: IndexedDataset, documents: tuple[int, int], num_samples: int, seq_len: int,
+                 seed: int, cache_dir: str | None = None, name: str = "train"):
+        self.data, self.seq_len = data, seq_len
+        lo, hi = documents
+        doc_ids = np.arange(lo, hi, dtype=np.int64)
+        doc_lengths = data.document_lengths()
+        tokens_per_epoch = int(doc_lengths[lo:hi].sum())
+        if tokens_per_epoch < 2:
+            raise UserError(f"{data.prefix}: the {name} split (documents {lo}..{hi}) holds {tokens_per_epoch} "
+                            "tokens, too few to make a sample")
+        epochs = num_epochs_needed(tokens_per_epoch, seq_len, num_samples)
+
+        def build() -> dict[str, np.ndarray]:
+            rng = np.random.RandomState(seed)
+            doc_index = build_document_index(doc_ids, epochs, rng)
+            total = (epochs * tokens_per_epoch - 1) // seq_len
+            sample_index = build_sample_index(doc_lengths[doc_index], seq_len, total)
+            return {"doc": doc_index, "sample": sample_index, "shuffle": build_shuffle_index(total, rng)}
+
+        key = {"v": INDEX_VERSION, "file": _file_key(data.prefix), "documents": [lo, hi],
+               "num_samples": num_samples, "seq_len": seq_len, "seed": seed, "epochs": epochs}
+        arrays = cached_arrays(cache_dir or default_cache_dir(data.prefix), f"gpt-{name}", key, build)
+        self.doc_index, self.sample_index, self.shuffle_index = arrays["doc"], arrays["sample"], arrays["shuffle"]
+
+    def __len__(self) -> int:
+        return len(self.shuffle_index)
+
+    def sample_tokens(self, i: int) -> np.ndarray:
+        """The seq_len + 1 tokens of sample i (after shuffling)."""
+        j = int(self.shuffle_index[i])
+        (d0, o0), (d1, o1) = self.sample_index[j], self.sample_index[j + 1]
+        d0, o0, d1, o1 = int(d0), int(o0), int(d1), int(o1)
+        if d0 == d1:
+            return np.asarray(self.data.document_span(int(self.doc_index[d0]), o0, o1 - o0 + 1), dtype=np.int64)
+        parts = [self.data.document_span(int(self.doc_index[d0]), o0)]
+        parts += [self.data.document_span(int(self.doc_index[d])) for d in range(d0 + 1, d1)]
+        parts.append(self.data.document_span(int(self.doc_index[d1]), 0, o1 + 1))
+        return np.concatenate(parts).astype(np.int64)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        x = self.sample_tokens(i)
+        return {"tokens": x[:-1], "labels": x[1:]}

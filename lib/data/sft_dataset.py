@@ -1,0 +1,75 @@
+"""Instruction-tuning samples from `<prefix>_input_ids_document` + `<prefix>_loss_mask_document`.
+
+Both indexed datasets share one layout: a document is one training sample, its sequences are
+the examples packed into it (one sequence when not packed). A sample becomes
+
+    tokens      ids, padded with pad_id to seq_len
+    labels      next token where it is a trained response token, else -100; never across examples
+    positions   0.. restarting at each example
+    segment_ids 1, 2, ... per example, 0 on padding (attention never crosses segments)
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from lib.data.cache import cached_arrays
+from lib.data.gpt_dataset import _file_key, build_document_index, default_cache_dir
+from lib.data.indexed import IndexedDataset
+from lib.errors import UserError
+
+IGNORE_INDEX = -100
+IDS_SUFFIX, MASK_SUFFIX = "_input_ids_document", "_loss_mask_document"
+SFT_INDEX_VERSION = 1
+
+
+def open_sft_pair(prefix: str) -> tuple[IndexedDataset, IndexedDataset]:
+    ids, mask = IndexedDataset(prefix + IDS_SUFFIX), IndexedDataset(prefix + MASK_SUFFIX)
+    if not (np.array_equal(ids.sequence_lengths, mask.sequence_lengths)
+            and np.array_equal(ids.document_indices, mask.document_indices)):
+        raise UserError(f"{prefix}{MASK_SUFFIX}: does not match {prefix}{IDS_SUFFIX} (written by different runs?)")
+    return ids, mask
+
+
+def sample_arrays(seqs: list[np.ndarray], masks: list[np.ndarray], seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+    tokens = np.full(seq_len, pad_id, dtype=np.int64)
+    labels = np.full(seq_len, IGNORE_INDEX, dtype=np.int64)
+    positions = np.zeros(seq_len, dtype=np.int64)
+    segment_ids = np.zeros(seq_len, dtype=np.int64)
+    at = 0
+    for seg, (t, m) in enumerate(zip(seqs, masks), 1):
+        n = min(len(t), seq_len - at)
+        if n <= 0:
+            break
+        t = np.asarray(t[:n], dtype=np.int64)
+        m = np.asarray(m[:n])
+        tokens[at:at + n] = t
+        labels[at:at + n - 1] = np.where(m[1:] != 0, t[1:], IGNORE_INDEX)
+        positions[at:at + n] = np.arange(n)
+        segment_ids[at:at + n] = seg
+        at += n
+    return {"tokens": tokens, "labels": labels, "positions": positions, "segment_ids": segment_ids}
+
+
+class SFTDataset:
+    def __init__(self, prefix: str, documents: tuple[int, int], num_samples: int, seq_len: int, seed: int,
+                 pad_id: int, cache_dir: str | None = None, name: str = "train"):
+        self.ids, self.mask = open_sft_pair(prefix)
+        self.seq_len, self.pad_id = seq_len, pad_id
+        lo, hi = documents
+        if hi <= lo:
+            raise UserError(f"{prefix}: the {name} split holds no examples")
+        epochs = max(1, -(-num_samples // (hi - lo)))
+
+        def build() -> dict[str, np.ndarray]:
+            return {"doc": build_document_index(np.arange(lo, hi), epochs, np.random.RandomState(seed))}
+
+        key = {"v": SFT_INDEX_VERSION, "file": _file_key(prefix + IDS_SUFFIX), "documents": [lo, hi],
+               "epochs": epochs, "seed": seed}
+        self.doc_index = cached_arrays(cache_dir or default_cache_dir(prefix), f"sft-{name}", key, build)["doc"]
+
+    def __len__(self) -> int:
+        return len(self.doc_index)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        d = int(self.doc_index[i])
+        return sample_arrays(self.ids.document(d), self.mask.document(d), self.seq_len, self.pad_id)
