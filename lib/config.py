@@ -163,9 +163,12 @@ def _build_dataclass(cls: type, value: Any, key: str) -> Any:
     for name, f in fields.items():
         dotted = f"{key}.{name}" if key else name
         if name in value:
-            current = getattr(base, name) if base is not None else None
+            # A partial mapping edits the current value (the preset's, else the field default);
+            # one that names its own preset starts from that preset instead.
+            current = getattr(base, name) if base is not None else _default(f)
             given = value[name]
-            if dataclasses.is_dataclass(current) and isinstance(given, Mapping):
+            if (dataclasses.is_dataclass(current) and isinstance(given, Mapping)
+                    and PRESET_KEY not in given):
                 given = {**to_dict(current), **given}
             kwargs[name] = _convert(hints[name], given, dotted)
         elif base is not None:
@@ -178,6 +181,14 @@ def _build_dataclass(cls: type, value: Any, key: str) -> Any:
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(f"{key or cls.__name__}: {e}") from None
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
 
 
 def parse_overrides(overrides: Sequence[str]) -> list[tuple[list[str], Any]]:
