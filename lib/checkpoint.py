@@ -347,11 +347,13 @@ class Checkpointer:
         flat_target = flatten(target)
         wanted = {k: v for k, v in flat_target.items() if not params_only or k.split(KEY_SEP)[0] == "params"}
         self._check_shapes(manager, step, where, wanted, exact=not params_only)
+        import jax
         import orbax.checkpoint as ocp
+        restore_args = {k: _restore_arg(v) for k, v in wanted.items()}
+        abstract = {k: jax.ShapeDtypeStruct(a.global_shape, a.dtype, sharding=a.sharding) for k, a in restore_args.items()}
         try:
             restored = manager.restore(step, args=ocp.args.Composite(**{
-                STATE_ITEM: ocp.args.PyTreeRestore(
-                    restore_args={k: _restore_arg(v) for k, v in wanted.items()}, partial_restore=params_only),
+                STATE_ITEM: ocp.args.PyTreeRestore(abstract, restore_args=restore_args, partial_restore=params_only),
                 EXTRA_ITEM: ocp.args.JsonRestore()}))
         except Exception as e:  # noqa: BLE001
             raise UserError(f"cannot read checkpoint {where}: {type(e).__name__}: {e}") from e
@@ -375,7 +377,7 @@ class Checkpointer:
                 raise UserError(f"checkpoint {where}: {key!r} has shape {tuple(saved[key].shape)}, "
                                 f"the model expects {tuple(t.shape)}")
         if exact:
-            extra_keys = [k for k in saved if k not in wanted]
+            extra_keys = sorted(k for k in saved if k not in wanted)
             if extra_keys:
                 raise UserError(f"checkpoint {where} has {extra_keys[0]!r} (shape "
                                 f"{tuple(saved[extra_keys[0]].shape)}), which the model does not")

@@ -1,0 +1,210 @@
+"""lib/checkpoint.py: bit-exact round trips, retention, atomic commits under SIGKILL, errors, and a
+two-process sharded save restored under another layout and under one process."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from ckpt_worker import reference_state  # noqa: E402
+
+from lib.checkpoint import CheckpointConfig, Checkpointer, flatten, is_native_checkpoint, unflatten_like  # noqa: E402
+from lib.errors import UserError  # noqa: E402
+
+WORKER = str(Path(__file__).parent / "ckpt_worker.py")
+REPO = str(Path(__file__).parent.parent)
+
+
+def zeros_like(tree):
+    return unflatten_like(tree, {k: torch.zeros_like(v) for k, v in flatten(tree).items()})
+
+
+def assert_bit_equal(got, want):
+    got, want = flatten(got), flatten(want)
+    assert list(got) == list(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype, k
+        a, b = got[k].contiguous(), want[k].contiguous()
+        # Compare raw bytes: equal floats are not enough (-0.0, NaN payloads, bf16 rounding).
+        assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), k
+
+
+def run_worker(mode: str, path: Path, env: dict | None = None, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, WORKER, mode, str(path)], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, **(env or {})}, **kw)
+
+
+def test_roundtrip_is_bit_exact_with_retention_and_extra(tmp_path):
+    state = reference_state()
+    ckpt = Checkpointer(CheckpointConfig(dir=str(tmp_path), every=2, keep=2, async_save=True))
+    saved = [s for s in range(1, 8) if ckpt.save(s, state, {"consumed_samples": 10 * s, "config": {"lr": 3e-4}})]
+    ckpt.wait()
+    assert saved == [2, 4, 6]
+    assert ckpt.latest_step() == 6
+    assert sorted(int(p.name) for p in tmp_path.iterdir() if p.name.isdigit()) == [4, 6]
+    got, extra = ckpt.restore(zeros_like(state))
+    assert_bit_equal(got, state)
+    assert extra == {"consumed_samples": 60, "config": {"lr": 3e-4}}
+    got4, extra4 = ckpt.restore(zeros_like(state), step=4)
+    assert extra4["consumed_samples"] == 40
+    ckpt.close()
+    # A new process (here: a new Checkpointer) resumes from the same place.
+    again = Checkpointer(CheckpointConfig(dir=str(tmp_path), every=2, keep=2))
+    assert again.latest_step() == 6 and again.can_restore()
+    assert_bit_equal(again.restore(zeros_like(state))[0], state)
+    again.close()
+
+
+def test_restore_casts_to_target_dtype(tmp_path):
+    state = reference_state()
+    ckpt = Checkpointer(CheckpointConfig(dir=str(tmp_path), async_save=False))
+    ckpt.save(1, state, force=True)
+    target = zeros_like(state)
+    target["params"]["layers"][0]["wq"] = torch.zeros(6, 4, dtype=torch.bfloat16)
+    got, _ = ckpt.restore(target)
+    assert got["params"]["layers"][0]["wq"].dtype == torch.bfloat16
+    want = state["params"]["layers"][0]["wq"].to(torch.bfloat16)
+    assert torch.equal(got["params"]["layers"][0]["wq"], want)
+
+
+def test_model_shape_mismatch_names_the_key_and_both_shapes(tmp_path):
+    state = reference_state()
+    ckpt = Checkpointer(CheckpointConfig(dir=str(tmp_path), async_save=False))
+    ckpt.save(5, state, force=True)
+    wider = zeros_like(state)
+    wider["params"]["layers"][1]["wq"] = torch.zeros(6, 8)
+    with pytest.raises(UserError, match=r"'params\.layers\.1\.wq' has shape \(6, 4\), the model expects \(6, 8\)"):
+        ckpt.restore(wider)
+    deeper = zeros_like(state)
+    deeper["params"]["layers"].append({"wq": torch.zeros(6, 4), "norm": torch.zeros(6)})
+    with pytest.raises(UserError, match=r"has no 'params\.layers\.2\.wq'"):
+        ckpt.restore(deeper)
+    shallower = zeros_like(state)
+    shallower["params"]["layers"].pop()
+    with pytest.raises(UserError, match=r"has 'params\.layers\.1\.norm' \(shape \(6,\)\), which the model does not"):
+        ckpt.restore(shallower)
+
+
+def test_unreadable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
+    state = reference_state()
+    ckpt = Checkpointer(CheckpointConfig(dir=str(tmp_path), async_save=False))
+    ckpt.save(3, state, force=True)
+    ckpt.close()
+    for f in (tmp_path / "3" / "state").rglob("*"):
+        if f.is_file() and f.parent.name == "d":  # the array data files
+            f.write_bytes(b"garbage")
+    again = Checkpointer(CheckpointConfig(dir=str(tmp_path)))
+    assert again.latest_step() == 3
+    with pytest.raises(UserError, match=f"cannot read checkpoint {tmp_path / '3'}"):
+        again.restore(zeros_like(state))
+    (tmp_path / "3" / "state" / "_METADATA").write_text("{not json")
+    with pytest.raises(UserError, match=f"cannot read checkpoint {tmp_path / '3'}"):
+        again.restore(zeros_like(state))
+
+
+def test_unwritable_dir_fails_at_startup(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(UserError, match=f"checkpoint dir {blocker / 'ckpt'} is not writable"):
+        Checkpointer(CheckpointConfig(dir=str(blocker / "ckpt")))
+
+
+def test_load_native_and_finetune_takes_params_only(tmp_path):
+    state = reference_state()
+    src = tmp_path / "pretrain"
+    ckpt = Checkpointer(CheckpointConfig(dir=str(src), async_save=False))
+    ckpt.save(7, state, {"consumed_samples": 70}, force=True)
+    ckpt.close()
+    assert is_native_checkpoint(src) and is_native_checkpoint(src / "7")
+    assert not is_native_checkpoint(tmp_path) and not is_native_checkpoint(src / "7" / "state")
+
+    resumed = Checkpointer(CheckpointConfig(dir=str(tmp_path / "run2"), load=str(src)))
+    assert resumed.latest_step() is None and resumed.can_restore()
+    got, extra = resumed.restore(zeros_like(state))
+    assert_bit_equal(got, state)
+    assert extra == {"consumed_samples": 70}
+
+    fresh = zeros_like(state)
+    tuned = Checkpointer(CheckpointConfig(dir=str(tmp_path / "run3"), load=str(src / "7"), finetune=True))
+    got, extra = tuned.restore(fresh)
+    assert_bit_equal(got["params"], state["params"])
+    assert all(got_leaf is fresh_leaf for got_leaf, fresh_leaf in
+               zip(flatten(got["opt"]).values(), flatten(fresh["opt"]).values()))
+    assert got["step"] is fresh["step"]
+    assert extra == {}
+
+    with pytest.raises(UserError, match="is not a checkpoint written by this project"):
+        Checkpointer(CheckpointConfig(load=str(tmp_path))).restore(fresh)
+
+
+def test_sigkill_during_commit_keeps_previous_checkpoint(tmp_path):
+    proc = run_worker("killed_save", tmp_path)
+    lines = []
+    for line in proc.stdout:  # the worker blocks inside orbax's commit of step 2
+        lines.append(line)
+        if line.startswith("COMMITTING"):
+            break
+    else:
+        pytest.fail("worker ended before committing:\n" + "".join(lines[-30:]))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert any(p.name.startswith("2.orbax-checkpoint-tmp") for p in tmp_path.iterdir()), "kill landed mid-save"
+
+    ckpt = Checkpointer(CheckpointConfig(dir=str(tmp_path), every=1, keep=3))
+    assert ckpt.latest_step() == 1
+    got, extra = ckpt.restore(zeros_like(reference_state()))
+    assert_bit_equal(got, reference_state())
+    assert extra == {"step": 1}
+    # The half-written step is cleaned away, so step 2 can be saved again.
+    assert ckpt.save(2, reference_state(), {"step": 2})
+    ckpt.wait()
+    assert ckpt.latest_step() == 2
+    assert not any("tmp" in p.name for p in tmp_path.iterdir())
+
+
+def test_full_disk_is_a_user_error_and_previous_checkpoint_survives(tmp_path):
+    out = subprocess.run([sys.executable, WORKER, "full_disk", str(tmp_path)], cwd=REPO, text=True,
+                         capture_output=True, timeout=120).stdout
+    assert f"USERERROR saving a checkpoint to {tmp_path} failed" in out, out[-3000:]
+    assert "the last committed checkpoint (step 1) is intact" in out
+    ckpt = Checkpointer(CheckpointConfig(dir=str(tmp_path)))
+    assert ckpt.latest_step() == 1
+    assert_bit_equal(ckpt.restore(zeros_like(reference_state()))[0], reference_state())
+
+
+def _free_port_pair() -> int:
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        with socket.socket() as s:  # jax's coordinator takes MASTER_PORT + 1
+            try:
+                s.bind(("127.0.0.1", port + 1))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no free port pair")
+
+
+@pytest.mark.distributed
+def test_two_ranks_write_one_sharded_checkpoint_that_reshards(tmp_path):
+    port = _free_port_pair()
+    procs = [run_worker("sharded", tmp_path, {"RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                                              "MASTER_PORT": str(port)}) for r in range(2)]
+    outs = [p.communicate(timeout=180)[0] for p in procs]
+    for r, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0 and f"OK {r}" in out, out[-3000:]
+    # Each rank wrote its own shards into the one checkpoint.
+    assert {d.name for d in (tmp_path / "42" / "state").glob("ocdbt.process_*")} == {"ocdbt.process_0",
+                                                                                     "ocdbt.process_1"}
+    # One process, plain tensors: every shard is read back into the full tensors.
+    ckpt = Checkpointer(CheckpointConfig(dir=str(tmp_path)))
+    got, extra = ckpt.restore(zeros_like(reference_state()))
+    assert_bit_equal(got, reference_state())
+    assert extra == {"consumed_samples": 1000, "rank_seen": 0}
