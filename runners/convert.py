@@ -1,0 +1,179 @@
+"""Convert checkpoints between Hugging Face and this project, and merge LoRA adapters.
+
+    python -m runners.convert hf-to-native --input HF_DIR --output CKPT_DIR
+    python -m runners.convert native-to-hf --input CKPT_DIR --output HF_DIR
+    python -m runners.convert merge-lora --base HF_DIR --lora A [--lora B ...] --output HF_DIR
+
+"native" is the orbax training checkpoint of `lib.checkpoint` (a root of `<step>/` dirs); a
+converted model is step 0 holding {"params": ...}, with the model config in its `extra` JSON.
+merge-lora folds PEFT adapters into the base in order, resizing the vocabulary to each adapter's
+own (Chinese-LLaMA-Alpaca style), and copies the tokenizer of the last adapter that has one.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from lib import checkpoint, cli
+from lib import config as config_lib
+from lib.errors import UserError
+from models import hf, llama, peft
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "added_tokens.json")
+MODEL_KEY = "model"  # where the model config sits in a native checkpoint's `extra`
+
+
+def _check_output_free(path: Path) -> None:
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise UserError(f"--output {path} already exists and is not empty; choose a new directory")
+
+
+def _model_config_from_extra(extra: dict, where: str) -> llama.Config:
+    """The model config a checkpoint recorded: ours at extra["model"], a runner's at
+    extra["config"]["model"] (the resolved run config)."""
+    raw = extra.get(MODEL_KEY)
+    if raw is None and isinstance(extra.get("config"), dict):
+        raw = extra["config"].get("model")
+    if raw is None:
+        raise UserError(f"{where}: the checkpoint records no model config; pass --model PRESET")
+    return config_lib.from_dict(llama.Config, raw, "model")
+
+
+def _read_extra(path: Path) -> dict:
+    """`extra` JSON of the checkpoint at `path` (a root: its latest step; or one step dir).
+
+    lib.checkpoint restores extra only together with the full state; a converter needs it alone.
+    """
+    import orbax.checkpoint as ocp
+    root, step = (path.parent, int(path.name)) if path.name.isdigit() else (path, None)
+    manager = ocp.CheckpointManager(root.absolute(), options=ocp.CheckpointManagerOptions(read_only=True),
+                                    item_names=(checkpoint.STATE_ITEM, checkpoint.EXTRA_ITEM))
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise UserError(f"{path}: not a native checkpoint (no committed <step>/ inside)")
+        restored = manager.restore(step, args=ocp.args.Composite(
+            **{checkpoint.EXTRA_ITEM: ocp.args.JsonRestore()}))
+        return dict(restored[checkpoint.EXTRA_ITEM] or {})
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - orbax raises many types for unreadable dirs
+        raise UserError(f"{path}: cannot read the checkpoint's extra: {type(e).__name__}: {e}") from None
+    finally:
+        manager.close()
+
+
+def hf_to_native(input_dir: Path, output_dir: Path, dtype: torch.dtype | None) -> None:
+    _check_output_free(output_dir)
+    config, params = hf.load(input_dir, dtype=dtype)
+    ckpt = checkpoint.Checkpointer(checkpoint.CheckpointConfig(dir=str(output_dir), keep=1, async_save=False))
+    try:
+        ckpt.save(0, {"params": params}, {MODEL_KEY: config_lib.to_dict(config),
+                                          "converted_from": str(input_dir)}, force=True)
+    finally:
+        ckpt.close()
+    print(f"wrote native checkpoint {output_dir} (step 0) from {input_dir}")
+
+
+def native_to_hf(input_dir: Path, output_dir: Path, dtype: torch.dtype | None, model: str | None) -> None:
+    if not checkpoint.is_native_checkpoint(input_dir):
+        hint = " (it is an HF model directory already)" if (input_dir / "config.json").is_file() else ""
+        raise UserError(f"{input_dir}: not a native checkpoint, no <step>/state inside{hint}")
+    _check_output_free(output_dir)
+    ckpt = checkpoint.Checkpointer(checkpoint.CheckpointConfig(load=str(input_dir), finetune=True))
+    try:
+        config = (config_lib.from_dict(llama.Config, model, "--model") if model is not None
+                  else _model_config_from_extra(_read_extra(input_dir), str(input_dir)))
+        shapes = llama.param_shapes(config)
+        target_dtype = dtype or torch.float32
+        target = {"params": _empty_like_shapes(shapes, target_dtype)}
+        restored, _ = ckpt.restore(target)
+    finally:
+        ckpt.close()
+    hf.save(output_dir, config, restored["params"], dtype=dtype)
+    print(f"wrote HF model {output_dir} from native checkpoint {input_dir}")
+
+
+def _empty_like_shapes(shapes, dtype: torch.dtype):
+    if isinstance(shapes, dict):
+        return {k: _empty_like_shapes(v, dtype) for k, v in shapes.items()}
+    if isinstance(shapes, list):
+        return [_empty_like_shapes(v, dtype) for v in shapes]
+    return torch.empty(shapes, dtype=dtype)
+
+
+def merge_lora(base: Path, adapters: list[Path], output_dir: Path, dtype: torch.dtype | None) -> None:
+    _check_output_free(output_dir)
+    config, params = hf.load(base, dtype=dtype)
+    vocab_before = config.vocab_size
+    config, params = peft.merge_adapters(config, params, adapters)
+    if config.vocab_size != vocab_before:
+        print(f"vocabulary resized {vocab_before} -> {config.vocab_size}")
+    tokenizer_dir = next((d for d in reversed([base, *adapters])
+                          if any((d / f).is_file() for f in TOKENIZER_FILES)), None)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".partial", dir=output_dir.parent))
+    try:
+        hf.save(staging / "model", config, params, dtype=dtype)
+        if tokenizer_dir is not None:
+            for name in TOKENIZER_FILES:
+                if (tokenizer_dir / name).is_file():
+                    shutil.copy2(tokenizer_dir / name, staging / "model" / name)
+        if output_dir.exists():
+            output_dir.rmdir()  # checked empty above
+        (staging / "model").rename(output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    source = f"; tokenizer from {tokenizer_dir}" if tokenizer_dir else "; no tokenizer files found"
+    print(f"wrote merged HF model {output_dir} ({len(adapters)} adapter(s){source})")
+
+
+def _existing_dir(text: str) -> Path:
+    path = Path(text)
+    if not path.is_dir():
+        raise UserError(f"{text} is not a directory")
+    return path
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m runners.convert", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    dtype_help = "cast weights to this dtype (default: keep the stored dtype)"
+
+    p = sub.add_parser("hf-to-native", help="HF LlamaForCausalLM directory -> native checkpoint")
+    p.add_argument("--input", required=True, help="HF model directory")
+    p.add_argument("--output", required=True, help="new checkpoint directory")
+    p.add_argument("--dtype", choices=DTYPES, help=dtype_help)
+
+    p = sub.add_parser("native-to-hf", help="native checkpoint -> HF directory (transformers loads it)")
+    p.add_argument("--input", required=True, help="checkpoint root (latest step) or one <step> dir")
+    p.add_argument("--output", required=True, help="new HF model directory")
+    p.add_argument("--dtype", choices=DTYPES, help="dtype of the written weights (default: float32)")
+    p.add_argument("--model", help="model preset, when the checkpoint does not record its config")
+
+    p = sub.add_parser("merge-lora", help="fold PEFT LoRA adapters (in order) into an HF model")
+    p.add_argument("--base", required=True, help="HF model directory")
+    p.add_argument("--lora", required=True, action="append", help="PEFT adapter directory (repeatable)")
+    p.add_argument("--output", required=True, help="new HF model directory")
+    p.add_argument("--dtype", choices=DTYPES, help=dtype_help)
+
+    args = parser.parse_args(argv)
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    if args.command == "hf-to-native":
+        hf_to_native(_existing_dir(args.input), Path(args.output), dtype)
+    elif args.command == "native-to-hf":
+        native_to_hf(_existing_dir(args.input), Path(args.output), dtype, args.model)
+    else:
+        merge_lora(_existing_dir(args.base), [_existing_dir(d) for d in args.lora], Path(args.output), dtype)
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)
