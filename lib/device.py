@@ -216,8 +216,26 @@ def cache_dir() -> Path:
     return Path(base) / CACHE_DIR_NAME
 
 
-def _time_gemm(dtype: torch.dtype, n: int = 1024, rounds: int = 5, min_seconds: float = 0.2) -> float:
+def _gemm_size(dtype: torch.dtype, target_seconds: float = 0.05, largest: int = 2048) -> int:
+    """The largest power-of-two size (256..largest) whose matmul takes about target_seconds:
+    big enough to reach the GEMM rate, small enough that a slow dtype (bf16 without AVX512-BF16
+    runs ~40x slower than fp32) is measured in about a second."""
+    n = 256
+    while n < largest:
+        a = torch.randn(n, n).to(dtype)
+        a @ a  # the first call of a size pays for packing buffers
+        start = time.perf_counter()
+        a @ a
+        if time.perf_counter() - start > target_seconds:
+            break
+        n *= 2
+    return n
+
+
+def _time_gemm(dtype: torch.dtype, n: int | None = None, rounds: int = 3,
+               min_seconds: float = 0.1) -> float:
     """Best-of-rounds FLOP/s of an n×n×n matmul on this CPU (the rate a well-shaped matmul gets)."""
+    n = n or _gemm_size(dtype)
     a = torch.randn(n, n).to(dtype)
     b = torch.randn(n, n).to(dtype)
     a @ b  # warm-up: thread pool, packing buffers
