@@ -256,6 +256,20 @@ class _Builder:
         self.ids += ids
         self.mask += [int(trained)] * len(ids)
 
+    def add_round(self, tok: Tokenizer, prompt: str, answer: str | None, bos: bool) -> None:
+        """Encode prompt + answer as one string, as Meta's reference code does (a separately
+        encoded answer can tokenize differently at the seam), and train on what follows the prompt."""
+        prompt_ids = tok.encode(prompt, bos=bos)
+        if answer is None:
+            self.add(prompt_ids, False)
+            return
+        full = tok.encode(prompt + answer, bos=bos, eos=True)
+        n = 0
+        while n < min(len(full), len(prompt_ids)) and full[n] == prompt_ids[n]:
+            n += 1
+        self.add(full[:n], False)
+        self.add(full[n:], True)
+
 
 def _check_turns(turns: Sequence[Turn]) -> list[Turn]:
     turns = list(turns)
@@ -277,21 +291,18 @@ def apply_template(tok: Tokenizer, template: str, turns: Sequence[Turn]) -> tupl
     b = _Builder()
     if template == "alpaca":
         # Alpaca has no multi-turn form: each user turn is an instruction, the system text its input.
-        b.add([tok.bos_id], False)
         for i in range(0, len(body), 2):
             fmt = ALPACA_PROMPT_WITH_INPUT if system and i == 0 else ALPACA_PROMPT
-            b.add(tok.encode(fmt.format(instruction=body[i].content, input=system or "")), False)
-            if i + 1 < len(body):
-                b.add(tok.encode(body[i + 1].content, eos=True), True)
+            answer = body[i + 1].content if i + 1 < len(body) else None
+            b.add_round(tok, fmt.format(instruction=body[i].content, input=system or ""), answer, bos=i == 0)
     elif template == "llama2-chat":
         # Meta's format: <s>[INST] <<SYS>>\n{sys}\n<</SYS>>\n\n{user} [/INST] {answer} </s><s>[INST] ...
         for i in range(0, len(body), 2):
             user = body[i].content.strip()
             if i == 0 and system is not None:
                 user = f"<<SYS>>\n{system.strip()}\n<</SYS>>\n\n{user}"
-            b.add(tok.encode(f"[INST] {user} [/INST]", bos=True), False)
-            if i + 1 < len(body):
-                b.add(tok.encode(f" {body[i + 1].content.strip()} ", eos=True), True)
+            answer = f" {body[i + 1].content.strip()} " if i + 1 < len(body) else None
+            b.add_round(tok, f"[INST] {user} [/INST]", answer, bos=True)
     elif template == "llama3-instruct":
         start, end, eot = (tok.token_id(p) for p in ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"))
         b.add([tok.bos_id], False)
