@@ -1,0 +1,210 @@
+"""A functional AdamW, learning-rate schedules, global-norm clipping and fp16 loss scaling.
+
+In the optax mould: the optimizer state is a pytree and every function returns new values::
+
+    opt_state = adamw_init(params)
+    grads, norm = clip_by_global_norm(grads, cfg.grad_clip)
+    params, opt_state = adamw_update(grads, opt_state, params, learning_rate(cfg, step), cfg)
+
+Nothing here mutates its inputs; a compiled caller may still let the compiler reuse buffers.
+Leaves may be plain tensors or DTensors (the step, the lr and the bias corrections are 0-dim
+tensors, which DTensor treats as replicated), so the same code runs sharded and unsharded.
+
+Weight decay is decoupled (AdamW) and applied only to leaves with two or more dims: the
+matmul weights and embeddings. One-dim leaves are the RMSNorm scales, which decaying would pull
+towards zero (LLaMA has no biases). This is the Megatron and nanoGPT convention.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch.distributed.tensor import DTensor, Partial, Replicate
+
+from lib import pytree
+
+PyTree = Any
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    lr: float = 3e-4                 # peak learning rate, reached at the end of warmup
+    min_lr: float = 3e-5             # floor of the decay, held after `decay_steps`
+    warmup_steps: int = 0
+    decay_steps: int = 10000         # step at which decay ends, warmup included (Megatron's lr-decay-iters)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0           # max global gradient norm; 0 turns clipping off
+
+    def __post_init__(self):
+        if self.lr < 0 or self.min_lr < 0:
+            raise ValueError(f"lr={self.lr} and min_lr={self.min_lr} must be >= 0")
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr={self.min_lr} is above lr={self.lr}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps={self.warmup_steps} must be >= 0")
+        if self.schedule != "constant" and self.decay_steps <= self.warmup_steps:
+            raise ValueError(f"decay_steps={self.decay_steps} must exceed warmup_steps="
+                             f"{self.warmup_steps} for the {self.schedule!r} schedule")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError(f"beta1={self.beta1}, beta2={self.beta2} must lie in [0, 1)")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip={self.grad_clip} must be >= 0 (0 = off)")
+
+
+def learning_rate(cfg: OptimizerConfig, step: torch.Tensor | int) -> torch.Tensor:
+    """The learning rate used by optimizer step `step` (counting from 0), as an fp32 0-dim tensor.
+
+    Warmup is linear and reaches `lr` at step `warmup_steps - 1` (step 0 already trains, at
+    lr / warmup_steps). Then "cosine" or "linear" decays to `min_lr` at `decay_steps`, and
+    holds it; "constant" stays at `lr`. Written with tensor ops so a compiled step that takes
+    `step` as a tensor does not recompile as the step changes.
+    """
+    step = torch.as_tensor(step).to(torch.float32)
+    if cfg.warmup_steps > 0:
+        warm = torch.clamp((step + 1) / cfg.warmup_steps, max=1.0)
+    else:
+        warm = torch.ones_like(step)
+    if cfg.schedule == "constant":
+        return cfg.lr * warm
+    progress = torch.clamp((step - cfg.warmup_steps) / (cfg.decay_steps - cfg.warmup_steps), 0.0, 1.0)
+    if cfg.schedule == "cosine":
+        decay = 0.5 * (1.0 + torch.cos(math.pi * progress))
+    else:
+        decay = 1.0 - progress
+    decayed = cfg.min_lr + (cfg.lr - cfg.min_lr) * decay
+    return torch.where(step < cfg.warmup_steps, cfg.lr * warm, decayed)
+
+
+# ---------------------------------------------------------------------------------------------
+# AdamW
+
+
+def adamw_init(params: PyTree) -> dict[str, Any]:
+    """Zero fp32 moments; fp32 master weights when any parameter is in a low-precision dtype.
+
+    {"count": int64 step counter, "mu": first moments, "nu": second moments,
+     "master": fp32 copies of the params, or None when the params are already fp32}
+    """
+    fp32 = lambda p: torch.zeros_like(p, dtype=torch.float32)
+    low_precision = any(p.dtype != torch.float32 for p in pytree.leaves(params))
+    return {
+        "count": torch.zeros((), dtype=torch.int64),
+        "mu": pytree.tree_map(fp32, params),
+        "nu": pytree.tree_map(fp32, params),
+        "master": pytree.tree_map(lambda p: p.detach().float().clone(), params) if low_precision else None,
+    }
+
+
+def adamw_update(grads: PyTree, state: dict[str, Any], params: PyTree, lr: torch.Tensor | float,
+                 cfg: OptimizerConfig) -> tuple[PyTree, dict[str, Any]]:
+    """One AdamW step; returns (new_params, new_state). Same arithmetic as torch.optim.AdamW.
+
+    The update is computed in fp32 on the master weights (or on fp32 params) and cast back to
+    each parameter's dtype.
+    """
+    count = state["count"] + 1
+    c = count.to(torch.float32)
+    bias1 = 1 - cfg.beta1 ** c
+    bias2_sqrt = torch.sqrt(1 - cfg.beta2 ** c)
+    master = state["master"] if state["master"] is not None else params
+
+    b1, b2 = cfg.beta1, cfg.beta2
+    mu = pytree.tree_map(lambda g, m: m * b1 + g.float() * (1 - b1), grads, state["mu"])
+    nu = pytree.tree_map(lambda g, v: v * b2 + g.float() * g.float() * (1 - b2), grads, state["nu"])
+
+    def step(w, m, v):
+        w = w.float()
+        if w.ndim >= 2 and cfg.weight_decay:
+            w = w * (1 - lr * cfg.weight_decay)
+        return w - (lr / bias1) * m / (torch.sqrt(v) / bias2_sqrt + cfg.eps)
+
+    new_master = pytree.tree_map(step, master, mu, nu)
+    new_params = pytree.tree_map(lambda w, p: w.to(p.dtype), new_master, params)
+    new_state = {"count": count, "mu": mu, "nu": nu,
+                 "master": new_master if state["master"] is not None else None}
+    return new_params, new_state
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient norm and clipping
+
+
+def global_norm(tree: PyTree) -> torch.Tensor:
+    """sqrt(sum of squares of every element), as an fp32 0-dim plain tensor, on every rank.
+
+    For a DTensor leaf, each rank squares its local shard and divides by the number of ranks
+    holding a replica of that shard; one all-reduce over the mesh then sums every element once.
+    That is a single collective per mesh instead of one per leaf.
+    """
+    local_total = None
+    by_mesh: dict[Any, torch.Tensor] = {}
+    for x in pytree.leaves(tree):
+        if isinstance(x, DTensor):
+            if any(isinstance(p, Partial) for p in x.placements):
+                x = x.redistribute(x.device_mesh, [Replicate() if isinstance(p, Partial) else p
+                                                   for p in x.placements])
+            replicas = math.prod(x.device_mesh.size(i) for i, p in enumerate(x.placements)
+                                 if isinstance(p, Replicate))
+            sq = x.to_local().float().pow(2).sum() / replicas
+            by_mesh[x.device_mesh] = by_mesh[x.device_mesh] + sq if x.device_mesh in by_mesh else sq
+        else:
+            sq = x.float().pow(2).sum()
+            local_total = sq if local_total is None else local_total + sq
+    total = local_total if local_total is not None else torch.zeros((), dtype=torch.float32)
+    for mesh, sq in by_mesh.items():
+        summed = DTensor.from_local(sq, mesh, [Partial()] * mesh.ndim, run_check=False)
+        total = total + summed.full_tensor()
+    return torch.sqrt(total)
+
+
+def clip_by_global_norm(grads: PyTree, max_norm: float) -> tuple[PyTree, torch.Tensor]:
+    """Scale grads so their global norm is at most `max_norm` (as torch's clip_grad_norm_).
+
+    Returns (clipped_grads, norm_before_clipping). max_norm <= 0 returns the grads unchanged.
+    """
+    norm = global_norm(grads)
+    if max_norm <= 0:
+        return grads, norm
+    scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    return pytree.tree_map(lambda g: g * scale.to(g.dtype), grads), norm
+
+
+# ---------------------------------------------------------------------------------------------
+# Dynamic loss scaling (fp16)
+
+
+@dataclass(frozen=True)
+class LossScaleConfig:
+    """fp16 dynamic loss scaling: back off on overflow, grow after a run of finite steps."""
+    initial: float = 2.0 ** 16
+    growth_interval: int = 2000
+    growth_factor: float = 2.0
+    backoff_factor: float = 0.5
+    min_scale: float = 1.0
+
+
+def loss_scale_init(cfg: LossScaleConfig) -> dict[str, torch.Tensor]:
+    return {"scale": torch.tensor(cfg.initial, dtype=torch.float32),
+            "good_steps": torch.zeros((), dtype=torch.int64)}
+
+
+def all_finite(tree: PyTree) -> torch.Tensor:
+    """True (0-dim bool tensor) when no leaf holds inf or nan, on every rank of a sharded tree."""
+    # inf and nan propagate through a sum, and the global norm already all-reduces over shards.
+    return torch.isfinite(global_norm(tree))
+
+
+def loss_scale_update(state: dict[str, torch.Tensor], finite: torch.Tensor,
+                      cfg: LossScaleConfig) -> dict[str, torch.Tensor]:
+    """After a step: halve the scale on overflow, double it after `growth_interval` finite steps."""
+    good = torch.where(finite, state["good_steps"] + 1, torch.zeros_like(state["good_steps"]))
+    grow = good >= cfg.growth_interval
+    scale = torch.where(finite, torch.where(grow, state["scale"] * cfg.growth_factor, state["scale"]),
+                        torch.clamp(state["scale"] * cfg.backoff_factor, min=cfg.min_scale))
+    return {"scale": scale, "good_steps": torch.where(grow, torch.zeros_like(good), good)}

@@ -1,0 +1,85 @@
+"""The device mesh, from config: named axes `data`, `fsdp`, `tensor`.
+
+    mesh = build_mesh(MeshConfig(fsdp=-1, tensor=2))      # on 8 ranks: fsdp=4, tensor=2
+
+Axes of size 1 are left out of the torch `DeviceMesh` (a size-1 axis broke DTensor's sharding
+propagation for `bmm` on torch 2.13) but stay known by name: a rule that maps a logical axis to
+a size-1 mesh axis simply does not shard. With one process there is no DeviceMesh at all and
+every parameter stays a plain tensor. `pipe` and `context` axes would be new fields here.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from lib.errors import UserError
+
+AXES = ("data", "fsdp", "tensor")  # outermost first: `tensor` ranks are neighbours
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Mesh axis sizes; one of them may be -1, meaning "whatever fills the world size"."""
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+    def __post_init__(self):
+        sizes = {f.name: getattr(self, f.name) for f in fields(self)}
+        bad = {k: v for k, v in sizes.items() if v == 0 or v < -1}
+        if bad:
+            raise ValueError(f"mesh axis sizes must be positive or -1, got {bad}")
+        fills = [k for k, v in sizes.items() if v == -1]
+        if len(fills) > 1:
+            raise ValueError(f"only one mesh axis may be -1 (fill the world size), got {fills}")
+
+    def resolve(self, world_size: int) -> dict[str, int]:
+        """Concrete size of every axis for `world_size` processes."""
+        sizes = {name: getattr(self, name) for name in AXES}
+        known = math.prod(v for v in sizes.values() if v != -1)
+        fill = [k for k, v in sizes.items() if v == -1]
+        if fill:
+            if world_size % known:
+                raise UserError(f"mesh {sizes}: world size {world_size} is not divisible by the "
+                                f"product of the fixed axes ({known}), so {fill[0]}=-1 cannot fill it")
+            sizes[fill[0]] = world_size // known
+        elif known != world_size:
+            raise UserError(f"mesh {sizes}: product {known} != world size {world_size}")
+        return sizes
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """A DeviceMesh over the axes of size > 1, plus the size of every named axis."""
+    device_mesh: DeviceMesh | None
+    sizes: dict[str, int]
+
+    @property
+    def world_size(self) -> int:
+        return math.prod(self.sizes.values())
+
+    def size(self, axis: str) -> int:
+        if axis not in self.sizes:
+            raise UserError(f"unknown mesh axis {axis!r}; mesh axes are {list(self.sizes)}")
+        return self.sizes[axis]
+
+    def dim(self, axis: str) -> int | None:
+        """Index of `axis` in `device_mesh`, or None when the axis has size 1 (not in the mesh)."""
+        self.size(axis)
+        names = self.device_mesh.mesh_dim_names if self.device_mesh is not None else ()
+        return names.index(axis) if axis in names else None
+
+
+def build_mesh(cfg: MeshConfig, device_type: str = "cpu") -> Mesh:
+    """The mesh for this process group (or a mesh of one when torch.distributed is not set up)."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    sizes = cfg.resolve(world)
+    kept = [(name, n) for name, n in sizes.items() if n > 1]
+    if not kept:
+        return Mesh(None, sizes)
+    device_mesh = init_device_mesh(device_type, tuple(n for _, n in kept),
+                                   mesh_dim_names=tuple(name for name, _ in kept))
+    return Mesh(device_mesh, sizes)

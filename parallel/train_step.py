@@ -1,0 +1,221 @@
+"""The train step, built from options and compiled as one graph.
+
+    state = init_state(params, optim_cfg, step_cfg)            # {"params", "opt", "step", "loss_scale"}
+    train_step = build_train_step(model_cfg, optim_cfg, step_cfg, mesh, rules)
+    state, metrics = train_step(state, local_batch)            # metrics: loss, grad_norm, lr, ...
+
+Inside the compiled function: the gradient of the token-summed loss of each micro-batch
+(`torch.func.grad_and_value`; `torch.autograd.grad` inside a compiled function graph-breaks,
+DESIGN.md), gradients redistributed to their parameter placements (data-parallel all-reduce,
+FSDP reduce-scatter), fp16 unscaling and overflow check, global-norm clipping, the learning rate
+and the AdamW update. Parameters are DTensors placed by `parallel.sharding.shard_params` (or
+plain tensors on one process); the whole step is written in the global view.
+
+`local_batch` is this rank's rows of the global batch (see `sharding.batch_shards`); the step
+splits them into micro-batches and wraps them as DTensors before entering the compiled graph.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.experimental import implicit_replication
+from torch.utils import checkpoint as torch_checkpoint
+
+from lib import optim, pytree
+from lib.constraints import use_constraint
+from lib.errors import UserError
+from models import attention as attention_kernels
+from models import llama
+from parallel import jit as jit_lib
+from parallel import sharding
+from parallel.mesh import Mesh
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+State = dict[str, Any]
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TrainStepConfig:
+    micro_batches: int = 1          # gradient accumulation: local batch rows are split this many ways
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"   # params and activations; moments stay fp32
+    remat: Literal["none", "full", "selective"] = "none"  # recompute per layer in the backward
+    compile: bool = True            # False: the same step, eager (for debugging)
+    compile_backend: str = "inductor"
+    loss_scale: optim.LossScaleConfig = field(default_factory=optim.LossScaleConfig)  # fp16 only
+
+    def __post_init__(self):
+        if self.micro_batches < 1:
+            raise ValueError(f"micro_batches={self.micro_batches} must be >= 1")
+
+
+# ---------------------------------------------------------------------------------------------
+# Activation recompute
+
+
+def _save_matmuls_policy(ctx, op, *args, **kwargs):
+    """Selective recompute: keep matmul outputs, recompute the cheap elementwise ops around them."""
+    matmuls = (torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default)
+    if op in matmuls:
+        return torch_checkpoint.CheckpointPolicy.MUST_SAVE
+    return torch_checkpoint.CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def remat_wrapper(mode: str) -> Callable[[Callable], Callable] | None:
+    """The model's `remat=` hook: "full" recomputes a whole layer in the backward, "selective"
+    keeps its matmul outputs and recomputes the rest, "none" keeps everything."""
+    if mode == "none":
+        return None
+    if mode == "full":
+        context = None
+    elif mode == "selective":
+        context = functools.partial(torch_checkpoint.create_selective_checkpoint_contexts,
+                                    _save_matmuls_policy)
+    else:
+        raise UserError(f"remat={mode!r} is not one of none, full, selective")
+
+    def wrap(layer_fn: Callable) -> Callable:
+        if context is None:
+            return functools.partial(torch_checkpoint.checkpoint, layer_fn, use_reentrant=False)
+        return functools.partial(torch_checkpoint.checkpoint, layer_fn, use_reentrant=False,
+                                 context_fn=context)
+    return wrap
+
+
+# ---------------------------------------------------------------------------------------------
+# State
+
+
+def init_state(params: Any, optim_cfg: optim.OptimizerConfig, step_cfg: TrainStepConfig) -> State:
+    """Training state from (sharded) fp32 params: params cast to the step dtype, fp32 moments
+    (and fp32 master weights when that dtype is bf16/fp16), step 0 and the fp16 loss scale."""
+    del optim_cfg  # AdamW's state does not depend on its hyper-parameters
+    dtype = DTYPES[step_cfg.dtype]
+    master = pytree.tree_map(lambda p: p.detach().float(), params)
+    opt = optim.adamw_init(master)
+    if dtype != torch.float32:
+        opt["master"] = master
+    scale = step_cfg.loss_scale if step_cfg.dtype == "fp16" else optim.LossScaleConfig(initial=1.0)
+    return {
+        "params": pytree.tree_map(lambda p: p.detach().to(dtype), params),
+        "opt": opt,
+        "step": torch.zeros((), dtype=torch.int64),
+        "loss_scale": optim.loss_scale_init(scale),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The step
+
+
+def _plain(x: torch.Tensor) -> torch.Tensor:
+    return x.full_tensor() if isinstance(x, DTensor) else x
+
+
+def _split_micro_batches(local_batch: Batch, n: int) -> list[Batch]:
+    rows = next(iter(local_batch.values())).shape[0]
+    if rows % n:
+        raise UserError(f"this rank's batch has {rows} rows, not divisible by micro_batches={n}")
+    chunks = {k: v.chunk(n, dim=0) for k, v in local_batch.items()}
+    return [{k: c[i] for k, c in chunks.items()} for i in range(n)]
+
+
+def _check_batch(batch: Batch) -> None:
+    for key in ("tokens", "labels"):
+        if key not in batch:
+            raise UserError(f"batch has no {key!r} (keys: {sorted(batch)})")
+
+
+def build_train_step(model_cfg: llama.Config, optim_cfg: optim.OptimizerConfig,
+                     step_cfg: TrainStepConfig, mesh: Mesh, rules: sharding.Rules,
+                     attention: attention_kernels.AttentionFn = attention_kernels.reference,
+                     cache_dir: str | None = None) -> Callable[[State, Batch], tuple[State, dict]]:
+    """`train_step(state, local_batch) -> (new_state, metrics)`.
+
+    metrics (plain 0-dim tensors, equal on every rank): "loss" (mean over the valid tokens of
+    the global batch, before the update), "grad_norm" (before clipping, after unscaling), "lr",
+    "loss_scale" and "skipped" (1 when an fp16 overflow skipped the update).
+    `attention` must run on this mesh: the reference kernel runs under DTensor; fused kernels
+    (SDPA, NPU) need the device bridge's per-shard wrapper.
+    """
+    fp16 = step_cfg.dtype == "fp16"
+    remat = remat_wrapper(step_cfg.remat)
+
+    def token_loss_sum(params: Any, mb: Batch) -> torch.Tensor:
+        logits = llama.forward(params, mb["tokens"], model_cfg, positions=mb.get("positions"),
+                               segment_ids=mb.get("segment_ids"), attention=attention, remat=remat)
+        return llama.cross_entropy(logits, mb["labels"], reduction="sum")
+
+    def step_fn(state: State, micro_batches: list[Batch]) -> tuple[State, dict]:
+        params, scale = state["params"], state["loss_scale"]["scale"]
+        n_tokens = sum((mb["labels"] != llama.IGNORE_INDEX).sum() for mb in micro_batches)
+        n_tokens = torch.clamp(n_tokens, min=1).float()
+        grads, loss = None, 0.0
+        for mb in micro_batches:
+            # Each micro-batch's token sum over the global token count: the accumulated gradient
+            # equals that of the whole batch's mean loss, whatever the padding per micro-batch.
+            g, l = torch.func.grad_and_value(
+                lambda p: token_loss_sum(p, mb) * (scale / n_tokens))(params)
+            grads = g if grads is None else pytree.tree_map(torch.add, grads, g)
+            loss = loss + l
+        grads = sharding.shard_like(grads, params)
+        grads = pytree.tree_map(lambda g: g.float() / scale, grads)
+        finite = optim.all_finite(grads) if fp16 else torch.ones((), dtype=torch.bool)
+        grads, grad_norm = optim.clip_by_global_norm(grads, optim_cfg.grad_clip)
+        lr = optim.learning_rate(optim_cfg, state["step"])
+        new_params, new_opt = optim.adamw_update(grads, state["opt"], params, lr, optim_cfg)
+        if fp16:  # an overflow keeps the old params and moments (torch.where: no data-dependent branch)
+            keep = lambda new, old: torch.where(finite, new, old)
+            new_params = pytree.tree_map(keep, new_params, params)
+            new_opt = pytree.tree_map(keep, new_opt, state["opt"])
+        new_scale = optim.loss_scale_update(state["loss_scale"], finite, step_cfg.loss_scale) \
+            if fp16 else state["loss_scale"]
+        new_state = {"params": new_params, "opt": new_opt, "step": state["step"] + 1,
+                     "loss_scale": new_scale}
+        metrics = {"loss": _plain(loss) / scale, "grad_norm": grad_norm, "lr": lr,
+                   "loss_scale": scale, "skipped": (~finite).to(torch.int64)}
+        return new_state, metrics
+
+    compiled = jit_lib.jit(step_fn, step_cfg.compile_backend if step_cfg.compile else None,
+                           cache_dir=cache_dir if step_cfg.compile else None)
+    constraint = sharding.activation_constraint(rules, mesh)
+
+    def train_step(state: State, local_batch: Batch) -> tuple[State, dict]:
+        _check_batch(local_batch)
+        micro = [sharding.shard_batch(mb, rules, mesh)
+                 for mb in _split_micro_batches(local_batch, step_cfg.micro_batches)]
+        # Plain tensors made inside the model (rope tables, masks) meet DTensors: treat them as
+        # replicated. Set around the call, so the backward (inside grad_and_value) sees it too.
+        with implicit_replication(), use_constraint(constraint):
+            return compiled(state, micro)
+
+    return train_step
+
+
+def build_eval_step(model_cfg: llama.Config, step_cfg: TrainStepConfig, mesh: Mesh,
+                    rules: sharding.Rules,
+                    attention: attention_kernels.AttentionFn = attention_kernels.reference,
+                    cache_dir: str | None = None) -> Callable[[Any, Batch], torch.Tensor]:
+    """`eval_step(params, local_batch) -> loss`: mean token loss of the global batch (plain tensor)."""
+    def eval_fn(params: Any, batch: Batch) -> torch.Tensor:
+        with torch.no_grad():
+            logits = llama.forward(params, batch["tokens"], model_cfg,
+                                   positions=batch.get("positions"),
+                                   segment_ids=batch.get("segment_ids"), attention=attention)
+            return _plain(llama.cross_entropy(logits, batch["labels"]))
+
+    compiled = jit_lib.jit(eval_fn, step_cfg.compile_backend if step_cfg.compile else None,
+                           cache_dir=cache_dir if step_cfg.compile else None)
+    constraint = sharding.activation_constraint(rules, mesh)
+
+    def eval_step(params: Any, local_batch: Batch) -> torch.Tensor:
+        _check_batch(local_batch)
+        with implicit_replication(), use_constraint(constraint):
+            return compiled(params, sharding.shard_batch(local_batch, rules, mesh))
+
+    return eval_step
