@@ -144,3 +144,19 @@ def test_same_samples_in_two_processes(tmp_path):
     outs = [subprocess.run([sys.executable, "-c", script, str(tmp_path / f"cache{k}")], cwd=REPO, check=True,
                            capture_output=True, text=True).stdout for k in range(2)]
     assert outs[0] == outs[1] and len(outs[0].strip()) == 64
+
+
+def test_other_ranks_wait_for_rank0_and_never_build(tmp_path, monkeypatch):
+    from lib.data import cache
+
+    def must_not_build():
+        raise AssertionError("only rank 0 builds")
+
+    monkeypatch.setattr(cache, "distributed_rank", lambda: 1)
+    monkeypatch.setattr(cache, "WAIT_TIMEOUT_S", 0.3)
+    with pytest.raises(UserError, match="rank 0 did not build"):
+        cache.cached_arrays(tmp_path, "k", {"a": 1}, must_not_build)
+    monkeypatch.setattr(cache, "distributed_rank", lambda: 0)
+    cache.cached_arrays(tmp_path, "k", {"a": 1}, lambda: {"x": np.arange(3)})
+    monkeypatch.setattr(cache, "distributed_rank", lambda: 1)
+    assert cache.cached_arrays(tmp_path, "k", {"a": 1}, must_not_build)["x"].tolist() == [0, 1, 2]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,12 +20,13 @@ from lib.errors import UserError
 WAIT_TIMEOUT_S = 600.0
 
 
-def _rank() -> int:
-    try:
-        import torch.distributed as dist
-    except ImportError:
+def distributed_rank() -> int:
+    """This process's rank, or 0 without torch.distributed (not imported means not initialised,
+    so preprocessing and tools never pay for importing torch)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.distributed.is_available() or not torch.distributed.is_initialized():
         return 0
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return torch.distributed.get_rank()
 
 
 def cached_arrays(cache_dir: str | os.PathLike, kind: str, key: dict,
@@ -35,7 +37,7 @@ def cached_arrays(cache_dir: str | os.PathLike, kind: str, key: dict,
     # The description file is written last: its presence means every array is complete.
     done = Path(f"{base}.json")
     if not done.exists():
-        if _rank() == 0:
+        if distributed_rank() == 0:
             arrays = build()
             try:
                 base.parent.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lib.data.cache import distributed_rank
 from lib.data.indexed import IndexedDatasetWriter, token_dtype
 from lib.errors import UserError
 
@@ -83,11 +84,7 @@ def corpus_documents(max_bytes: int = DEFAULT_BYTES) -> list[str]:
 
 
 def _wait_for_rank0(path: Path) -> None:
-    try:
-        import torch.distributed as dist
-        waiting = dist.is_available() and dist.is_initialized() and dist.get_rank() != 0
-    except ImportError:
-        waiting = False
+    waiting = distributed_rank() != 0
     deadline = time.monotonic() + 600
     while waiting and not path.exists():
         if time.monotonic() > deadline:
@@ -112,5 +109,5 @@ def default_dataset(workdir: str | os.PathLike, max_bytes: int = DEFAULT_BYTES,
     tok = load_tokenizer(tok_path)
     with IndexedDatasetWriter(prefix, token_dtype(tok.vocab_size)) as w:
         for doc in docs:
-            w.add_document(np.asarray(tok.encode(doc, eos=True)))
+            w.add_document(np.asarray(tok.encode(doc, bos=True, eos=True)))
     return str(prefix), str(tok_path)

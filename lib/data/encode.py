@@ -70,6 +70,8 @@ def encode_record(record: dict, spec: EncodeSpec, tok: Tokenizer):
     if truncated:
         ids, mask = ids[: spec.seq_length], mask[: spec.seq_length]
     if not any(mask):
+        if truncated:
+            raise UserError(f"the prompt alone fills --seq-length {spec.seq_length}: no response token left to train on")
         return None  # nothing to train on
     return np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.uint8), truncated
 
