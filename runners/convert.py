@@ -12,6 +12,7 @@ own (Chinese-LLaMA-Alpaca style), and copies the tokenizer of the last adapter t
 from __future__ import annotations
 
 import argparse
+import logging
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -165,6 +166,7 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--dtype", choices=DTYPES, help=dtype_help)
 
     args = parser.parse_args(argv)
+    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's notes on read-only managers are noise here
     dtype = DTYPES[args.dtype] if args.dtype else None
     if args.command == "hf-to-native":
         hf_to_native(_existing_dir(args.input), Path(args.output), dtype)
