@@ -23,7 +23,8 @@ VARIANTS = {
     "llama3.1-rope-scaling": llama.PRESETS["tiny-llama3"],
     "tied-embeddings": dataclasses.replace(TINY, tie_embeddings=True),
 }
-# Measured maximum |ours - HF| over these variants (fp32, 2x48 tokens): 1.5e-6 (2026-11-22).
+# Measured maximum |ours - HF| over these variants (fp32, 2x48 tokens, 2026-11-22): 0.0 with the
+# reference kernel (bit-identical), 8.9e-7 with sdpa.
 ATOL = 1e-4
 
 
