@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -179,30 +179,41 @@ def params_from_state_dict(config: llama.Config, tensors: Mapping[str, torch.Ten
                            device: torch.device | str = "cpu") -> llama.Params:
     """Our params tree from HF-named tensors, checking names and shapes against `config`.
 
-    Tensors keep their stored dtype unless `dtype` is given.
+    `where` names the source in error messages. Tensors keep their stored dtype unless `dtype`
+    is given.
     """
+    return _params_from_stream(config, tensors.items(), where, dtype, device)
+
+
+def _params_from_stream(config: llama.Config, named_tensors: Iterable[tuple[str, torch.Tensor]],
+                        where: str, dtype: torch.dtype | None,
+                        device: torch.device | str) -> llama.Params:
+    # Each tensor is converted as it arrives, so a loader streaming shards holds about one copy
+    # of the model at a time rather than the raw checkpoint plus the converted tree.
     table = hf_name_table(config)
-    unexpected = [n for n in tensors if n not in table and not n.endswith(_IGNORED_SUFFIXES)
-                  and not (config.tie_embeddings and n == _TOP_NAMES["lm_head"][0])]
-    if unexpected:
-        raise UserError(f"{where}: unexpected tensor {unexpected[0]!r}"
-                        + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
     shapes = llama.param_shapes(config)
     params: llama.Params = {"layers": [{} for _ in range(config.n_layers)]}
-    for name, (path, transposed) in table.items():
-        if name not in tensors:
-            raise UserError(f"{where}: missing tensor {name!r}")
-        tensor = tensors[name]
+    seen = set()
+    for name, tensor in named_tensors:
+        if name not in table:
+            # Tied checkpoints sometimes store the (identical) output weight anyway.
+            if name.endswith(_IGNORED_SUFFIXES) or (config.tie_embeddings and name == "lm_head.weight"):
+                continue
+            raise UserError(f"{where}: unexpected tensor {name!r}")
+        path, transposed = table[name]
         ours = tuple(_get(shapes, path))
         expected = ours[::-1] if transposed else ours
         if tuple(tensor.shape) != expected:
             raise UserError(f"{where}: tensor {name!r} has shape {list(tensor.shape)}, "
-                            f"expected {list(expected)} for this config.json")
+                            f"expected {list(expected)} from the model config")
         if transposed:
             tensor = tensor.T
-        tensor = tensor.to(device=device, dtype=dtype or tensor.dtype).contiguous()
-        parent = _get(params, path[:-1])
-        parent[path[-1]] = tensor
+        _get(params, path[:-1])[path[-1]] = tensor.to(device=device, dtype=dtype or tensor.dtype).contiguous()
+        seen.add(name)
+    missing = [name for name in table if name not in seen]
+    if missing:
+        raise UserError(f"{where}: missing tensor {missing[0]!r}"
+                        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     return params
 
 
@@ -275,10 +286,10 @@ def load(path: str | Path, dtype: torch.dtype | None = None,
         raise UserError(f"{path}: not an HF model directory (no config.json)")
     config = config_from_hf(_read_json(config_file), config_file)
     files = _weight_files(path)
-    tensors: dict[str, torch.Tensor] = {}
-    for file in tqdm(files, desc=f"loading {path.name}", unit="shard", disable=len(files) == 1):
-        tensors.update(_read_tensors(file))
-    return config, params_from_state_dict(config, tensors, str(path), dtype=dtype, device=device)
+    named_tensors = (item for file in tqdm(files, desc=f"loading {path.name}", unit="shard",
+                                           disable=len(files) == 1)
+                     for item in _read_tensors(file))
+    return config, _params_from_stream(config, named_tensors, str(path), dtype, device)
 
 
 # ---------------------------------------------------------------------------------------------
