@@ -22,6 +22,7 @@ import json
 import multiprocessing as mp
 import sys
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -114,6 +115,20 @@ def chunks(files: Sequence[Path]) -> Iterator[list]:
         yield chunk
 
 
+def ordered_map(pool, fn, items: Iterator, ahead: int) -> Iterator:
+    """fn over items in the pool, results in input order, at most `ahead` chunks in flight.
+
+    (Pool.imap would read the whole input into its task queue; this keeps memory flat.)
+    """
+    in_flight: deque = deque()
+    for item in items:
+        in_flight.append(pool.apply_async(fn, (item,)))
+        if len(in_flight) >= ahead:
+            yield in_flight.popleft().get()
+    while in_flight:
+        yield in_flight.popleft().get()
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m runners.preprocess", description=__doc__.split("\n")[0])
     ap.add_argument("--input", required=True, type=Path, help="file or folder of jsonl/json/parquet/txt/csv")
@@ -173,7 +188,7 @@ def main(argv: Sequence[str]) -> int:
             init_worker(spec)
             results = map(encode_chunk, chunks(files))
         else:
-            results = pool.imap(encode_chunk, chunks(files))
+            results = ordered_map(pool, encode_chunk, chunks(files), ahead=4 * args.workers)
         bar = tqdm(desc="preprocess", unit="doc", dynamic_ncols=True, file=sys.stderr)
         for chunk_results in results:
             for kind, payload, where in chunk_results:

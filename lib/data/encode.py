@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lib.data.instruction import HANDLERS
+from lib.data.indexed import token_dtype
 from lib.errors import UserError
 from lib.tokenizer import Tokenizer, load_tokenizer
 
@@ -32,6 +33,8 @@ _STATE: dict = {}
 def init_worker(spec: EncodeSpec) -> None:
     _STATE["spec"] = spec
     _STATE["tok"] = load_tokenizer(spec.tokenizer)
+    # Arrays leave the worker in the file's dtype: 2-4x less to pickle than int64.
+    _STATE["dtype"] = token_dtype(_STATE["tok"].vocab_size)
 
 
 def parse_line(raw: bytes | str | dict) -> dict:
@@ -50,7 +53,7 @@ def parse_line(raw: bytes | str | dict) -> dict:
         raise UserError(f"invalid JSON ({e.msg} at column {e.colno})") from None
 
 
-def encode_record(record: dict, spec: EncodeSpec, tok: Tokenizer):
+def encode_record(record: dict, spec: EncodeSpec, tok: Tokenizer, dtype: np.dtype = np.dtype(np.int64)):
     if spec.handler == "pretrain":
         if not isinstance(record, dict):
             raise UserError(f"expected a JSON object, got {type(record).__name__}")
@@ -61,7 +64,7 @@ def encode_record(record: dict, spec: EncodeSpec, tok: Tokenizer):
             if not isinstance(record[key], str):
                 raise UserError(f"key {key!r}: expected a string, got {type(record[key]).__name__}")
             ids = tok.encode(record[key], bos=True, eos=spec.append_eod) if record[key].strip() else []
-            out.append(np.asarray(ids, dtype=np.int64))
+            out.append(np.asarray(ids, dtype=dtype))
         if all(len(a) == 0 for a in out):
             return None
         return out
@@ -73,7 +76,7 @@ def encode_record(record: dict, spec: EncodeSpec, tok: Tokenizer):
         if truncated:
             raise UserError(f"the prompt alone fills --seq-length {spec.seq_length}: no response token left to train on")
         return None  # nothing to train on
-    return np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.uint8), truncated
+    return np.asarray(ids, dtype=dtype), np.asarray(mask, dtype=np.uint8), truncated
 
 
 def encode_chunk(chunk: list) -> list:
@@ -82,7 +85,7 @@ def encode_chunk(chunk: list) -> list:
     results = []
     for raw, where in chunk:
         try:
-            arrays = encode_record(parse_line(raw), spec, tok)
+            arrays = encode_record(parse_line(raw), spec, tok, _STATE["dtype"])
             results.append(("empty", None, where) if arrays is None else ("ok", arrays, where))
         except UserError as e:
             results.append(("bad", str(e), where))

@@ -144,8 +144,10 @@ class IndexedDatasetWriter:
 
     def add_sequence(self, tokens: Sequence[int] | np.ndarray) -> None:
         arr = np.asarray(tokens)
-        if arr.size and (arr.min() < np.iinfo(self.dtype).min or arr.max() > np.iinfo(self.dtype).max):
-            raise ValueError(f"value out of range for {self.dtype}")
+        if arr.dtype != self.dtype and arr.size:
+            info = np.iinfo(self.dtype)
+            if arr.min() < info.min or arr.max() > info.max:
+                raise ValueError(f"value out of range for {self.dtype}")
         self._bin.write(arr.astype(self.dtype, copy=False).tobytes())
         self._lengths.append(arr.size)
 
