@@ -29,8 +29,7 @@ from models import hf, llama  # noqa: E402
 
 def hf_model(config: llama.Config, params: llama.Params) -> torch.nn.Module:
     """transformers' LlamaForCausalLM (its default attention, sdpa) holding the same weights."""
-    hf_config = transformers.LlamaConfig(**{k: v for k, v in hf.config_to_hf(config).items()
-                                            if k not in ("architectures", "model_type", "torch_dtype")})
+    hf_config = transformers.LlamaConfig.from_dict(hf.config_to_hf(config))
     model = transformers.LlamaForCausalLM(hf_config).float().eval()
     model.load_state_dict(hf.state_dict_from_params(config, params), strict=True)
     return model

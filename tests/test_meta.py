@@ -18,7 +18,6 @@ from tests.helpers_hf import hf_logits, random_hf_model, random_tokens
 pytest.importorskip("transformers")
 
 SHARDS = 2
-TINY = llama.PRESETS["tiny"]
 
 
 def _to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:

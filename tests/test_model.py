@@ -1,6 +1,8 @@
 """models/llama.py: shapes, parameter counts, determinism, packing, loss and attention kernels."""
 from __future__ import annotations
 
+import dataclasses
+
 import optree
 import pytest
 import torch
@@ -45,7 +47,6 @@ def test_num_params_without_embeddings():
 @pytest.mark.parametrize("name", ["tiny", "tiny-mha", "llama2-70b"])
 @pytest.mark.parametrize("tied", [False, True])
 def test_param_axes_mirror_init(name, tied):
-    import dataclasses
     config = dataclasses.replace(llama.PRESETS[name], tie_embeddings=tied)
     params = llama.init(config, device="meta")
     axes = llama.param_axes(config)
