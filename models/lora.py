@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from models import llama
 
@@ -108,25 +109,21 @@ class LoraWeight:
     """
 
     def __init__(self, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
-                 dropout: float, generator: torch.Generator | None):
+                 dropout: float, training: bool):
         self.w, self.a, self.b = w, a, b
-        self.scale, self.dropout, self.generator = scale, dropout, generator
+        self.scale, self.dropout, self.training = scale, dropout, training
 
     def __rmatmul__(self, x: torch.Tensor) -> torch.Tensor:
-        h = x
-        if self.generator is not None and self.dropout > 0:
-            keep = torch.rand(x.shape, generator=self.generator, device=x.device) >= self.dropout
-            h = x * keep.to(x.dtype) / (1.0 - self.dropout)
+        h = F.dropout(x, self.dropout, training=self.training) if self.dropout > 0 else x
         return x @ self.w + (h @ self.a @ self.b) * self.scale
 
 
 def lora_forward(params: Params, adapters: Adapters, tokens: torch.Tensor, config: llama.Config,
-                 lora_cfg: LoraConfig, *, dropout_generator: torch.Generator | None = None,
-                 **forward_kw) -> torch.Tensor:
+                 lora_cfg: LoraConfig, *, training: bool = False, **forward_kw) -> torch.Tensor:
     """Logits of the adapted model; `forward_kw` goes to `models.llama.forward`.
 
-    dropout_generator: None for evaluation (no dropout); in training, a generator on the
-    activations' device from which each adapted matmul draws its own dropout mask.
+    training: apply LoRA dropout, drawing masks from torch's global generator (the training
+    loop reseeds it from (seed, step), so a resumed run draws the same masks).
     """
     if len(adapters["layers"]) != len(params["layers"]):
         raise ValueError(f"adapters have {len(adapters['layers'])} layers, params {len(params['layers'])}")
@@ -135,7 +132,7 @@ def lora_forward(params: Params, adapters: Adapters, tokens: torch.Tensor, confi
         layer = dict(p)
         for name, ab in ad.items():
             layer[name] = LoraWeight(p[name], ab["a"], ab["b"], lora_cfg.scale, lora_cfg.dropout,
-                                     dropout_generator)
+                                     training)
         layers.append(layer)
     return llama.forward({**params, "layers": layers}, tokens, config, **forward_kw)
 

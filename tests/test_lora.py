@@ -44,7 +44,8 @@ def test_fresh_adapters_leave_the_model_unchanged():
     base = llama.forward(params, tokens, CONFIG)
     torch.testing.assert_close(logits_of(params, adapters, ALL, tokens), base, rtol=0, atol=1e-6)
     # Dropout acts on the low-rank path only, so with B = 0 it changes nothing either.
-    dropped = logits_of(params, adapters, ALL, tokens, dropout_generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    dropped = logits_of(params, adapters, ALL, tokens, training=True)
     torch.testing.assert_close(dropped, base, rtol=0, atol=1e-6)
 
 
@@ -63,8 +64,9 @@ def test_dropout_is_random_but_reproducible():
     tokens = random_tokens(CONFIG, seq=16)
     cfg = lora.LoraConfig(r=4, alpha=8.0, dropout=0.5)
     adapters = random_adapters(cfg)
-    run = lambda seed: logits_of(params, adapters, cfg, tokens,
-                                 dropout_generator=torch.Generator().manual_seed(seed))
+    def run(seed):
+        torch.manual_seed(seed)
+        return logits_of(params, adapters, cfg, tokens, training=True)
     assert torch.equal(run(0), run(0))
     assert not torch.allclose(run(0), run(1))
     assert not torch.allclose(run(0), logits_of(params, adapters, cfg, tokens))
