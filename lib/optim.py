@@ -146,11 +146,12 @@ def global_norm(tree: PyTree) -> torch.Tensor:
     by_mesh: dict[Any, torch.Tensor] = {}
     for x in pytree.leaves(tree):
         if isinstance(x, DTensor):
-            if any(isinstance(p, Partial) for p in x.placements):
+            # List comprehensions, not generator expressions: dynamo cannot trace those.
+            if [p for p in x.placements if isinstance(p, Partial)]:
                 x = x.redistribute(x.device_mesh, [Replicate() if isinstance(p, Partial) else p
                                                    for p in x.placements])
-            replicas = math.prod(x.device_mesh.size(i) for i, p in enumerate(x.placements)
-                                 if isinstance(p, Replicate))
+            replicas = math.prod([x.device_mesh.size(i) for i, p in enumerate(x.placements)
+                                  if isinstance(p, Replicate)])
             sq = x.to_local().float().pow(2).sum() / replicas
             by_mesh[x.device_mesh] = by_mesh[x.device_mesh] + sq if x.device_mesh in by_mesh else sq
         else:

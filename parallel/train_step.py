@@ -16,15 +16,14 @@ splits them into micro-batches and wraps them as DTensors before entering the co
 """
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import optree
 import torch
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.experimental import implicit_replication
-from torch.utils import checkpoint as torch_checkpoint
 
 from lib import optim, pytree
 from lib.constraints import use_constraint
@@ -56,35 +55,63 @@ class TrainStepConfig:
 
 # ---------------------------------------------------------------------------------------------
 # Activation recompute
+#
+# torch.utils.checkpoint (full, or selective with a policy) needs saved-tensor hooks, which
+# torch.func.grad rejects on torch 2.13, eagerly and under torch.compile alike. This autograd
+# Function keeps only its inputs and recomputes the function with torch.func.vjp in the
+# backward: it composes with torch.func.grad_and_value and compiles into the step's graph.
 
 
-def _save_matmuls_policy(ctx, op, *args, **kwargs):
-    """Selective recompute: keep matmul outputs, recompute the cheap elementwise ops around them."""
-    matmuls = (torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default)
-    if op in matmuls:
-        return torch_checkpoint.CheckpointPolicy.MUST_SAVE
-    return torch_checkpoint.CheckpointPolicy.PREFER_RECOMPUTE
+class _RecomputeInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(fn, *tensors):
+        return fn(*tensors)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.fn = inputs[0]
+        ctx.save_for_backward(*inputs[1:])
+
+    @staticmethod
+    def backward(ctx, grad):
+        _, vjp = torch.func.vjp(ctx.fn, *ctx.saved_tensors)
+        return (None, *vjp(grad))
 
 
-def remat_wrapper(mode: str) -> Callable[[Callable], Callable] | None:
-    """The model's `remat=` hook: "full" recomputes a whole layer in the backward, "selective"
-    keeps its matmul outputs and recomputes the rest, "none" keeps everything."""
+def recompute_in_backward(fn: Callable) -> Callable:
+    """`fn` whose intermediate activations are recomputed in the backward instead of stored.
+
+    Floating-point tensor arguments (nested in dicts/lists too) get gradients; everything else
+    (int tensors, None, configs, functions) is passed through unchanged.
+    """
+    def wrapped(*args, **kwargs):
+        leaves, spec = optree.tree_flatten((args, kwargs))
+        diff = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor) and x.is_floating_point()]
+
+        def call(*tensors):
+            full = list(leaves)
+            for i, t in zip(diff, tensors):
+                full[i] = t
+            a, kw = optree.tree_unflatten(spec, full)
+            return fn(*a, **kw)
+        return _RecomputeInBackward.apply(call, *[leaves[i] for i in diff])
+    return wrapped
+
+
+def apply_remat(mode: str, attention: Callable) -> tuple[Callable | None, Callable]:
+    """(the model's `remat=` hook, the attention kernel) for a recompute mode.
+
+    "full": each transformer layer keeps only its input and recomputes everything in the
+    backward. "selective": only the attention kernel is recomputed (Megatron's selective
+    recompute: the [b, h, s, s] scores are the large, cheap-to-recompute activations).
+    """
     if mode == "none":
-        return None
+        return None, attention
     if mode == "full":
-        context = None
-    elif mode == "selective":
-        context = functools.partial(torch_checkpoint.create_selective_checkpoint_contexts,
-                                    _save_matmuls_policy)
-    else:
-        raise UserError(f"remat={mode!r} is not one of none, full, selective")
-
-    def wrap(layer_fn: Callable) -> Callable:
-        if context is None:
-            return functools.partial(torch_checkpoint.checkpoint, layer_fn, use_reentrant=False)
-        return functools.partial(torch_checkpoint.checkpoint, layer_fn, use_reentrant=False,
-                                 context_fn=context)
-    return wrap
+        return recompute_in_backward, attention
+    if mode == "selective":
+        return None, recompute_in_backward(attention)
+    raise UserError(f"remat={mode!r} is not one of none, full, selective")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,7 +171,7 @@ def build_train_step(model_cfg: llama.Config, optim_cfg: optim.OptimizerConfig,
     (SDPA, NPU) need the device bridge's per-shard wrapper.
     """
     fp16 = step_cfg.dtype == "fp16"
-    remat = remat_wrapper(step_cfg.remat)
+    remat, attention = apply_remat(step_cfg.remat, attention)
 
     def token_loss_sum(params: Any, mb: Batch) -> torch.Tensor:
         logits = llama.forward(params, mb["tokens"], model_cfg, positions=mb.get("positions"),
@@ -153,7 +180,9 @@ def build_train_step(model_cfg: llama.Config, optim_cfg: optim.OptimizerConfig,
 
     def step_fn(state: State, micro_batches: list[Batch]) -> tuple[State, dict]:
         params, scale = state["params"], state["loss_scale"]["scale"]
-        n_tokens = sum((mb["labels"] != llama.IGNORE_INDEX).sum() for mb in micro_batches)
+        n_tokens = 0
+        for mb in micro_batches:  # loops, not generator expressions: dynamo cannot trace those
+            n_tokens = n_tokens + (mb["labels"] != llama.IGNORE_INDEX).sum()
         n_tokens = torch.clamp(n_tokens, min=1).float()
         grads, loss = None, 0.0
         for mb in micro_batches:

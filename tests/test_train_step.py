@@ -1,0 +1,126 @@
+"""The train step on one process: accumulation, dtypes, fp16 overflow, remat, compile = eager.
+
+Sharded meshes are covered by tests/test_distributed.py against torch.optim.AdamW.
+"""
+import dataclasses
+
+import pytest
+import torch
+
+from lib import optim, pytree
+from lib.errors import UserError
+from models import attention, llama
+from parallel import sharding
+from parallel.mesh import MeshConfig, build_mesh
+from parallel.train_step import TrainStepConfig, build_eval_step, build_train_step, init_state
+
+MODEL = llama.PRESETS["tiny"]
+OPT = optim.OptimizerConfig(lr=1e-2, min_lr=1e-3, warmup_steps=2, decay_steps=10)
+MESH = build_mesh(MeshConfig())
+RULES = sharding.load_rules(mesh=MESH)
+
+
+def make_batch(seed=0, rows=4, seq=16):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, MODEL.vocab_size, (rows, seq + 1), generator=g)
+    labels = tokens[:, 1:].clone()
+    labels[1, :11] = llama.IGNORE_INDEX  # rows carry unequal numbers of tokens
+    return {"tokens": tokens[:, :-1].contiguous(), "labels": labels}
+
+
+def run(step_cfg, steps=2, opt=OPT, **kw):
+    state = init_state(llama.init(MODEL, seed=0), opt, step_cfg)
+    step = build_train_step(MODEL, opt, step_cfg, MESH, RULES, attention=attention.reference, **kw)
+    history = []
+    for i in range(steps):
+        state, metrics = step(state, make_batch(i))
+        history.append({k: float(v) for k, v in metrics.items()})
+    return state, history
+
+
+def test_loss_metric_is_the_models_mean_loss_before_the_update():
+    _, history = run(TrainStepConfig(compile=False), steps=1)
+    expected = llama.loss_fn(llama.init(MODEL, seed=0), make_batch(0), MODEL, attention=attention.reference)
+    assert history[0]["loss"] == pytest.approx(float(expected), abs=1e-6)
+    assert history[0]["lr"] == pytest.approx(float(optim.learning_rate(OPT, 0)))
+    assert history[0]["skipped"] == 0 and history[0]["loss_scale"] == 1.0
+
+
+def test_micro_batches_accumulate_to_the_full_batch_gradient():
+    # eps=1 makes Adam's update ~ lr * g: the params then compare the gradients themselves
+    # (with eps=1e-8, rounding noise in near-zero gradients is amplified to ~lr).
+    linear = dataclasses.replace(OPT, eps=1.0)
+    one, h1 = run(TrainStepConfig(compile=False, micro_batches=1), opt=linear)
+    four, h4 = run(TrainStepConfig(compile=False, micro_batches=4), opt=linear)
+    assert abs(h1[1]["loss"] - h4[1]["loss"]) < 1e-6
+    assert abs(h1[1]["grad_norm"] - h4[1]["grad_norm"]) < 1e-6
+    assert pytree.max_abs_diff(one["params"], four["params"])[0] < 1e-6
+
+
+def test_remat_full_and_selective_give_the_same_step():
+    base, _ = run(TrainStepConfig(compile=False), steps=1)
+    for mode in ("full", "selective"):
+        state, _ = run(TrainStepConfig(compile=False, remat=mode), steps=1)
+        assert pytree.max_abs_diff(base["params"], state["params"])[0] < 1e-7, mode
+
+
+def test_bf16_keeps_fp32_moments_and_master_weights():
+    state, history = run(TrainStepConfig(compile=False, dtype="bf16"))
+    assert state["params"]["layers"][0]["wq"].dtype == torch.bfloat16
+    assert state["opt"]["master"]["layers"][0]["wq"].dtype == torch.float32
+    assert state["opt"]["nu"]["embed"].dtype == torch.float32
+    fp32_state, fp32_history = run(TrainStepConfig(compile=False))
+    assert abs(history[0]["loss"] - fp32_history[0]["loss"]) < 2e-2
+    # The bf16 params are the rounded master weights, which keep what bf16 cannot hold.
+    rounded = pytree.tree_map(lambda w: w.to(torch.bfloat16), state["opt"]["master"])
+    assert pytree.max_abs_diff(rounded, state["params"])[0] == 0
+    assert pytree.max_abs_diff(state["opt"]["master"], state["params"])[0] > 0
+
+
+def test_fp16_overflow_skips_the_update_and_backs_off_the_scale():
+    huge = optim.LossScaleConfig(initial=2.0 ** 40, growth_interval=1)
+    params = llama.init(MODEL, seed=0)
+    state0 = init_state(params, OPT, TrainStepConfig(dtype="fp16", loss_scale=huge))
+    step = build_train_step(MODEL, OPT, TrainStepConfig(compile=False, dtype="fp16", loss_scale=huge),
+                            MESH, RULES, attention=attention.reference)
+    state1, m = step(state0, make_batch(0))
+    assert int(m["skipped"]) == 1 and float(m["loss_scale"]) == 2.0 ** 40
+    assert float(state1["loss_scale"]["scale"]) == 2.0 ** 39
+    assert pytree.max_abs_diff(state1["params"], state0["params"])[0] == 0
+    assert int(state1["opt"]["count"]) == 0 and int(state1["step"]) == 1
+    # A sane scale trains, and after `growth_interval` good steps the scale grows.
+    sane = dataclasses.replace(huge, initial=2.0 ** 10)
+    state = init_state(params, OPT, TrainStepConfig(dtype="fp16", loss_scale=sane))
+    step = build_train_step(MODEL, OPT, TrainStepConfig(compile=False, dtype="fp16", loss_scale=sane),
+                            MESH, RULES, attention=attention.reference)
+    state, m = step(state, make_batch(0))
+    assert int(m["skipped"]) == 0 and float(state["loss_scale"]["scale"]) == 2.0 ** 11
+    assert m["loss"] == pytest.approx(float(llama.loss_fn(params, make_batch(0), MODEL,
+                                                          attention=attention.reference)), abs=2e-2)
+
+
+def test_eval_step_is_the_mean_loss():
+    params = llama.init(MODEL, seed=0)
+    eval_step = build_eval_step(MODEL, TrainStepConfig(compile=False), MESH, RULES,
+                                attention=attention.reference)
+    expected = llama.loss_fn(params, make_batch(3), MODEL, attention=attention.reference)
+    assert float(eval_step(params, make_batch(3))) == pytest.approx(float(expected), abs=1e-6)
+
+
+def test_bad_batches_are_user_errors():
+    state = init_state(llama.init(MODEL), OPT, TrainStepConfig())
+    step = build_train_step(MODEL, OPT, TrainStepConfig(compile=False, micro_batches=3), MESH, RULES)
+    with pytest.raises(UserError, match="not divisible by micro_batches=3"):
+        step(state, make_batch(0))
+    with pytest.raises(UserError, match="no 'labels'"):
+        step(state, {"tokens": make_batch(0)["tokens"]})
+
+
+@pytest.mark.compiled
+def test_compiled_step_equals_eager_with_remat(tmp_path):
+    cfg = dict(micro_batches=2, remat="full")
+    eager, eager_history = run(TrainStepConfig(compile=False, **cfg))
+    compiled, history = run(TrainStepConfig(compile=True, **cfg), cache_dir=tmp_path)
+    for a, b in zip(history, eager_history):
+        assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-5
+    assert pytree.max_abs_diff(compiled["params"], eager["params"])[0] < 1e-5
