@@ -71,6 +71,31 @@ def test_bf16_checkpoint_keeps_its_dtype_unless_asked(tmp_path):
     torch.testing.assert_close(params32["lm_head"], model.lm_head.weight.detach().float().T)
 
 
+def test_save_as_bf16_is_read_as_bf16_by_transformers_and_by_us(tmp_path):
+    params = llama.init(TINY, seed=0)
+    hf.save(tmp_path, TINY, params, dtype=torch.bfloat16, bos_token_id=1, eos_token_id=[2, 3])
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert model.dtype == torch.bfloat16
+    assert model.generation_config.eos_token_id == [2, 3]
+    _, loaded = hf.load(tmp_path)
+    assert loaded["layers"][1]["w_down"].dtype == torch.bfloat16
+    torch.testing.assert_close(loaded["layers"][1]["w_down"], params["layers"][1]["w_down"].bfloat16(),
+                               atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope type 'linear' is not supported"),
+    ({"attention_bias": True}, "attention_bias=True is not supported"),
+    ({"hidden_size": None}, "no 'hidden_size'"),
+    ({"num_attention_heads": 5, "head_dim": None}, "not divisible by n_heads=5"),
+    ({"num_attention_heads": 8}, "head_dim=16 with 8 heads does not match hidden_size=64"),
+])
+def test_unsupported_config_json(edit, message):
+    raw = {k: v for k, v in {**hf.config_to_hf(TINY), **edit}.items() if v is not None}
+    with pytest.raises(UserError, match=f"^my/config.json: .*{message}"):
+        hf.config_from_hf(raw, "my/config.json")
+
+
 def test_sharded_safetensors_written_by_transformers(tmp_path):
     model = random_hf_model(TINY)
     model.save_pretrained(tmp_path, max_shard_size="100KB")
