@@ -78,7 +78,7 @@ def main() -> None:
     t1 = time.perf_counter()
     sample_index = build_sample_index(lengths[doc_index], args.seq_len, num_samples)
     t2 = time.perf_counter()
-    build_shuffle_index(num_samples, np.random.RandomState(1234))
+    build_shuffle_index(num_samples, num_samples, np.random.RandomState(1234))
     t3 = time.perf_counter()
     print(f"document index {t1 - t0:.2f} s, sample index {t2 - t1:.2f} s, shuffle index {t3 - t2:.2f} s, "
           f"total {t3 - t0:.2f} s")

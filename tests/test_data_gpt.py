@@ -54,9 +54,10 @@ def test_sample_index_matches_loop_reference(seq_len):
     n = (int(lengths.sum()) - 1) // seq_len
     ours = build_sample_index(lengths, seq_len, n)
     ref = _megatron_loop_sample_index(lengths, seq_len, n)
-    # both walk to the same stream positions: sample i starts at token i * seq_len
+    # identical (document, offset) pairs, empty documents included (the first one is non-empty:
+    # Megatron's index starts at (0, 0) even on an empty document, ours skips to the first token)
+    assert np.array_equal(ours, ref)
     starts = np.concatenate([[0], np.cumsum(lengths)])
-    assert np.array_equal(starts[ours[:, 0]] + ours[:, 1], starts[ref[:, 0]] + ref[:, 1])
     assert np.array_equal(starts[ours[:, 0]] + ours[:, 1], np.arange(n + 1) * seq_len)
 
 
@@ -160,3 +161,17 @@ def test_other_ranks_wait_for_rank0_and_never_build(tmp_path, monkeypatch):
     cache.cached_arrays(tmp_path, "k", {"a": 1}, lambda: {"x": np.arange(3)})
     monkeypatch.setattr(cache, "distributed_rank", lambda: 1)
     assert cache.cached_arrays(tmp_path, "k", {"a": 1}, must_not_build)["x"].tolist() == [0, 1, 2]
+
+
+def test_indices_equal_megatron_golden_values():
+    # Produced by Megatron-LM's own _build_document_index / _build_shuffle_index (gpt_dataset.py,
+    # commit d98e8a64dd) for these lengths, documents 3..12, seq_len 4, 14 samples, seed 1234: two
+    # epochs, the second used for 3 of its 11 samples, so it is shuffled separately.
+    from lib.data.gpt_dataset import build_indices
+
+    lengths = np.array([5, 3, 0, 7, 2, 9, 4, 1, 6, 8, 3, 5, 2, 7])
+    ours = build_indices(np.arange(3, 13), lengths, num_samples=14, seq_len=4, seed=1234)
+    assert ours["doc"].tolist() == [10, 5, 12, 4, 3, 11, 7, 8, 9, 6, 10, 6, 8, 4, 7, 11, 3, 5, 9, 12]
+    assert ours["shuffle"].tolist() == [8, 1, 7, 10, 9, 5, 4, 3, 0, 2, 6, 19, 16, 17, 12, 15, 22, 13, 14, 21, 20, 11, 18]
+    assert (ours["doc"].dtype, ours["shuffle"].dtype) == (np.int32, np.uint32)
+    assert np.array_equal(ours["sample"], _megatron_loop_sample_index(lengths[ours["doc"]], 4, 23))

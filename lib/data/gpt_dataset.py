@@ -8,6 +8,9 @@ Three index arrays, all numpy-vectorised and cached on disk:
   covers `seq_len + 1` tokens of the concatenated stream (it may span documents) and shares its
   last token with the next sample's first, so labels are the tokens shifted by one;
 - shuffle index: a seeded permutation of the samples.
+
+Same algorithm, random stream and dtypes as Megatron-LM's GPTDataset (checked against its code),
+so one seed gives one sample order in both.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from lib.data.cache import cached_arrays
 from lib.data.indexed import IndexedDataset
 from lib.errors import UserError
 
-INDEX_VERSION = 1  # bump when the index construction changes, to invalidate old caches
+INDEX_VERSION = 2  # bump when the index construction changes, to invalidate old caches
 SPLITS = ("train", "valid", "test")
 
 
@@ -74,11 +77,43 @@ def build_sample_index(lengths_in_order: np.ndarray, seq_len: int, num_samples: 
     return np.stack([doc, offset], axis=1)
 
 
-def build_shuffle_index(num_samples: int, rng: np.random.RandomState) -> np.ndarray:
-    dtype = np.uint32 if num_samples < 2**32 - 1 else np.int64
-    index = np.arange(num_samples, dtype=dtype)
-    rng.shuffle(index)
-    return index
+def build_shuffle_index(num_shuffled: int, total: int, rng: np.random.RandomState) -> np.ndarray:
+    """A permutation of range(total) that keeps [0, num_shuffled) and the rest apart."""
+    dtype = np.uint32 if total < 2**32 - 2 else np.int64
+    first = np.arange(num_shuffled, dtype=dtype)
+    rng.shuffle(first)
+    if num_shuffled == total:
+        return first
+    last = np.arange(num_shuffled, total, dtype=dtype)
+    rng.shuffle(last)
+    return np.concatenate([first, last])
+
+
+def build_indices(doc_ids: np.ndarray, doc_lengths: np.ndarray, num_samples: int, seq_len: int,
+                  seed: int) -> dict[str, np.ndarray]:
+    """Document, sample and shuffle indices; for the same inputs and seed, the arrays Megatron's
+    GPTDataset builds (one document = one sequence, as in text data).
+
+    When the last epoch is needed for fewer than 80% of its samples, it is shuffled apart from the
+    others, so the samples actually used are not biased towards a partial epoch's documents.
+    """
+    tokens_per_epoch = int(doc_lengths[doc_ids].sum())
+    epochs = num_epochs_needed(tokens_per_epoch, seq_len, num_samples)
+    total = (epochs * tokens_per_epoch - 1) // seq_len
+    separate_final = False
+    if epochs > 1:
+        before_final = ((epochs - 1) * tokens_per_epoch - 1) // seq_len
+        per_epoch = (tokens_per_epoch - 1) // seq_len
+        separate_final = num_samples - before_final < int(0.8 * per_epoch)
+    rng = np.random.RandomState(seed)
+    if separate_final:
+        doc_index = np.concatenate([build_document_index(doc_ids, epochs - 1, rng),
+                                    build_document_index(doc_ids, 1, rng)])
+    else:
+        doc_index = build_document_index(doc_ids, epochs, rng)
+    sample_index = build_sample_index(doc_lengths[doc_index], seq_len, total)
+    shuffle_index = build_shuffle_index(before_final if separate_final else total, total, rng)
+    return {"doc": doc_index, "sample": sample_index, "shuffle": shuffle_index}
 
 
 def default_cache_dir(prefix: str) -> str:
@@ -103,18 +138,10 @@ class GPTDataset:
         if tokens_per_epoch < 2:
             raise UserError(f"{data.prefix}: the {name} split (documents {lo}..{hi}) holds {tokens_per_epoch} "
                             "tokens, too few to make a sample")
-        epochs = num_epochs_needed(tokens_per_epoch, seq_len, num_samples)
-
-        def build() -> dict[str, np.ndarray]:
-            rng = np.random.RandomState(seed)
-            doc_index = build_document_index(doc_ids, epochs, rng)
-            total = (epochs * tokens_per_epoch - 1) // seq_len
-            sample_index = build_sample_index(doc_lengths[doc_index], seq_len, total)
-            return {"doc": doc_index, "sample": sample_index, "shuffle": build_shuffle_index(total, rng)}
-
         key = {"v": INDEX_VERSION, "file": _file_key(data.prefix), "documents": [lo, hi],
-               "num_samples": num_samples, "seq_len": seq_len, "seed": seed, "epochs": epochs}
-        arrays = cached_arrays(cache_dir or default_cache_dir(data.prefix), f"gpt-{name}", key, build)
+               "num_samples": num_samples, "seq_len": seq_len, "seed": seed}
+        arrays = cached_arrays(cache_dir or default_cache_dir(data.prefix), f"gpt-{name}", key,
+                               lambda: build_indices(doc_ids, doc_lengths, num_samples, seq_len, seed))
         self.doc_index, self.sample_index, self.shuffle_index = arrays["doc"], arrays["sample"], arrays["shuffle"]
 
     def __len__(self) -> int:
