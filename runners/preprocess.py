@@ -136,6 +136,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     ap.add_argument("--tokenizer", required=True, help="tokenizer.model (sentencepiece or tiktoken) or tokenizer.json")
     ap.add_argument("--handler", default="pretrain", choices=["pretrain", *HANDLERS])
     ap.add_argument("--json-keys", nargs="+", default=["text"], help="pretrain: keys holding the text")
+    ap.add_argument("--map", nargs="+", default=[], metavar="KEY=FIELD",
+                    help="instruction data: read the handler's KEY from the record's FIELD (instruction=question)")
     ap.add_argument("--template", default="alpaca", choices=TEMPLATES, help="instruction data: prompt template")
     ap.add_argument("--append-eod", action="store_true", help="pretrain: end each document with eos")
     ap.add_argument("--workers", type=int, default=1)
@@ -143,6 +145,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     ap.add_argument("--pack", action="store_true", help="instruction data: pack examples into --seq-length samples")
     ap.add_argument("--on-bad-line", choices=["fail", "skip"], default="fail")
     args = ap.parse_args(argv)
+    for item in args.map:
+        if item.count("=") != 1 or not all(item.split("=")):
+            raise UserError(f"--map {item!r}: expected KEY=FIELD, e.g. instruction=question")
     if args.workers < 1:
         raise UserError(f"--workers {args.workers}: must be at least 1")
     if args.handler == "pretrain" and (args.pack or args.seq_length):
@@ -159,7 +164,8 @@ def main(argv: Sequence[str]) -> int:
     files = input_files(args.input)
     tok = load_tokenizer(args.tokenizer)
     spec = EncodeSpec(tokenizer=args.tokenizer, handler=args.handler, json_keys=tuple(args.json_keys),
-                      append_eod=args.append_eod, template=args.template, seq_length=args.seq_length)
+                      append_eod=args.append_eod, template=args.template, seq_length=args.seq_length,
+                      key_map=tuple(tuple(m.split("=")) for m in args.map))
     instruction = args.handler != "pretrain"
     if instruction:
         writers = [IndexedDatasetWriter(args.output_prefix + IDS_SUFFIX, token_dtype(tok.vocab_size)),

@@ -115,6 +115,18 @@ def test_bad_lines_skipped_and_counted(tmp_path, tok_path, capsys):
     assert "skipped 4 bad lines, 1 empty documents" in captured.out
 
 
+def test_key_map_renames_fields(tmp_path, tok_path):
+    _jsonl(tmp_path / "q.jsonl", [{"question": "Why?", "answer": "Because."}])
+    _run("--input", tmp_path / "q.jsonl", "--output-prefix", tmp_path / "q", "--tokenizer", tok_path,
+         "--handler", "alpaca", "--map", "instruction=question", "output=answer")
+    tok = load_tokenizer(tok_path)
+    ids, mask = IndexedDataset(tmp_path / "q_input_ids_document")[0], IndexedDataset(tmp_path / "q_loss_mask_document")[0]
+    assert tok.decode([t for t, m in zip(ids, mask) if m and t != tok.eos_id]) == "Because."
+    assert "Why?" in tok.decode(ids)
+    with pytest.raises(UserError, match="expected KEY=FIELD"):
+        _run("--input", tmp_path / "q.jsonl", "--output-prefix", tmp_path / "q", "--tokenizer", tok_path, "--map", "x")
+
+
 def test_missing_instruction_key(tmp_path, tok_path):
     _jsonl(tmp_path / "a.jsonl", [{"output": "x"}])
     with pytest.raises(UserError, match=r"a\.jsonl:1: missing key 'instruction'"):

@@ -25,6 +25,7 @@ class EncodeSpec:
     append_eod: bool = False
     template: str = "alpaca"
     seq_length: int | None = None  # instruction examples are truncated to this
+    key_map: tuple[tuple[str, str], ...] = ()  # (handler key, record field): read the key from that field
 
 
 _STATE: dict = {}
@@ -54,6 +55,8 @@ def parse_line(raw: bytes | str | dict) -> dict:
 
 
 def encode_record(record: dict, spec: EncodeSpec, tok: Tokenizer, dtype: np.dtype = np.dtype(np.int64)):
+    if spec.key_map and isinstance(record, dict):
+        record = {**record, **{key: record[field] for key, field in spec.key_map if field in record}}
     if spec.handler == "pretrain":
         if not isinstance(record, dict):
             raise UserError(f"expected a JSON object, got {type(record).__name__}")
