@@ -53,10 +53,19 @@ def test_roundtrip_is_bit_exact_with_retention_and_extra(tmp_path):
     assert extra == {"consumed_samples": 60, "config": {"lr": 3e-4}}
     got4, extra4 = ckpt.restore(zeros_like(state), step=4)
     assert extra4["consumed_samples"] == 40
+    # An async save owns a copy: a training step that updates params in place right after
+    # save() returns must not leak into the checkpoint.
+    before = state["params"]["layers"][0]["wq"].clone()
+    assert ckpt.save(8, state)
+    state["params"]["layers"][0]["wq"].add_(1.0)
+    ckpt.wait()
+    got8, _ = ckpt.restore(zeros_like(state), step=8)
+    assert torch.equal(got8["params"]["layers"][0]["wq"], before)
+    state["params"]["layers"][0]["wq"].copy_(before)
     ckpt.close()
     # A new process (here: a new Checkpointer) resumes from the same place.
     again = Checkpointer(CheckpointConfig(dir=str(tmp_path), every=2, keep=2))
-    assert again.latest_step() == 6 and again.can_restore()
+    assert again.latest_step() == 8 and again.can_restore()
     assert_bit_equal(again.restore(zeros_like(state))[0], state)
     again.close()
 
