@@ -52,7 +52,7 @@ def _pad_id(cfg: DataConfig) -> int:
 def build_datasets(cfg: DataConfig, num_samples: dict[str, int], max_seq_len: int | None = None) -> dict:
     """Datasets for the splits asked for with a positive sample count ("train", "valid", "test").
 
-    Each has at least that many samples; `max_seq_len` (the model's) rejects a longer `cfg.seq_len`.
+    Each has exactly that many samples; `max_seq_len` (the model's) rejects a longer `cfg.seq_len`.
     """
     if not cfg.paths:
         raise UserError("data.paths is empty: give at least one dataset prefix")

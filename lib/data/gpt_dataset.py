@@ -126,11 +126,15 @@ def _file_key(prefix: str) -> dict:
 
 
 class GPTDataset:
-    """`ds[i]` -> {"tokens": int64[seq_len], "labels": int64[seq_len]}; len(ds) >= num_samples."""
+    """`ds[i]` -> {"tokens": int64[seq_len], "labels": int64[seq_len]} for i < num_samples.
+
+    The indices cover whole epochs; only the first `num_samples` of the shuffle are exposed,
+    which are the ones Megatron trains on.
+    """
 
     def __init__(self, data: IndexedDataset, documents: tuple[int, int], num_samples: int, seq_len: int,
                  seed: int, cache_dir: str | None = None, name: str = "train"):
-        self.data, self.seq_len = data, seq_len
+        self.data, self.seq_len, self.num_samples = data, seq_len, num_samples
         lo, hi = documents
         doc_ids = np.arange(lo, hi, dtype=np.int64)
         doc_lengths = data.document_lengths()
@@ -145,10 +149,12 @@ class GPTDataset:
         self.doc_index, self.sample_index, self.shuffle_index = arrays["doc"], arrays["sample"], arrays["shuffle"]
 
     def __len__(self) -> int:
-        return len(self.shuffle_index)
+        return self.num_samples
 
     def sample_tokens(self, i: int) -> np.ndarray:
         """The seq_len + 1 tokens of sample i (after shuffling)."""
+        if not 0 <= i < self.num_samples:
+            raise IndexError(f"sample {i} outside 0..{self.num_samples - 1}")
         j = int(self.shuffle_index[i])
         (d0, o0), (d1, o1) = self.sample_index[j], self.sample_index[j + 1]
         d0, o0, d1, o1 = int(d0), int(o0), int(d1), int(o1)

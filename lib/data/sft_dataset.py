@@ -54,7 +54,7 @@ class SFTDataset:
     def __init__(self, prefix: str, documents: tuple[int, int], num_samples: int, seq_len: int, seed: int,
                  pad_id: int, cache_dir: str | None = None, name: str = "train"):
         self.ids, self.mask = open_sft_pair(prefix)
-        self.seq_len, self.pad_id = seq_len, pad_id
+        self.seq_len, self.pad_id, self.num_samples = seq_len, pad_id, num_samples
         lo, hi = documents
         if hi <= lo:
             raise UserError(f"{prefix}: the {name} split holds no examples")
@@ -68,8 +68,10 @@ class SFTDataset:
         self.doc_index = cached_arrays(cache_dir or default_cache_dir(prefix), f"sft-{name}", key, build)["doc"]
 
     def __len__(self) -> int:
-        return len(self.doc_index)
+        return self.num_samples
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        if not 0 <= i < self.num_samples:
+            raise IndexError(f"sample {i} outside 0..{self.num_samples - 1}")
         d = int(self.doc_index[i])
         return sample_arrays(self.ids.document(d), self.mask.document(d), self.seq_len, self.pad_id)
