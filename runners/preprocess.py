@@ -195,38 +195,37 @@ def main(argv: Sequence[str]) -> int:
             results = map(encode_chunk, chunks(files))
         else:
             results = ordered_map(pool, encode_chunk, chunks(files), ahead=4 * args.workers)
-        bar = tqdm(desc="preprocess", unit="doc", dynamic_ncols=True, file=sys.stderr)
-        for chunk_results in results:
-            for kind, payload, where in chunk_results:
-                if kind == "bad":
-                    if args.on_bad_line == "fail":
-                        raise UserError(f"{where}: {payload} (pass --on-bad-line skip to skip such lines)")
-                    counts["bad"] += 1
-                    if counts["bad"] <= MAX_REPORTED:
-                        tqdm.write(f"skipped {where}: {payload}", file=sys.stderr)
-                    continue
-                if kind == "empty":
-                    counts["empty"] += 1
-                    continue
-                counts["documents"] += 1
-                if instruction:
-                    ids, mask, truncated = payload
-                    counts["truncated"] += truncated
-                    counts["tokens"] += len(ids)
-                    if args.pack:
-                        pending.append((ids, mask))
-                    else:
-                        writers[0].add_document(ids)
-                        writers[1].add_document(mask)
-                else:
-                    for w, ids in zip(writers, payload):
-                        w.add_document(ids)
+        with tqdm(desc="preprocess", unit="doc", dynamic_ncols=True, file=sys.stderr) as bar:
+            for chunk_results in results:
+                for kind, payload, where in chunk_results:
+                    if kind == "bad":
+                        if args.on_bad_line == "fail":
+                            raise UserError(f"{where}: {payload} (pass --on-bad-line skip to skip such lines)")
+                        counts["bad"] += 1
+                        if counts["bad"] <= MAX_REPORTED:
+                            tqdm.write(f"skipped {where}: {payload}", file=sys.stderr)
+                        continue
+                    if kind == "empty":
+                        counts["empty"] += 1
+                        continue
+                    counts["documents"] += 1
+                    if instruction:
+                        ids, mask, truncated = payload
+                        counts["truncated"] += truncated
                         counts["tokens"] += len(ids)
-            if args.pack and len(pending) > 4 * CHUNK:
-                flush_packs(final=False)
-            bar.update(len(chunk_results))
-            bar.set_postfix(tok_s=f"{counts['tokens'] / max(time.perf_counter() - start, 1e-9):,.0f}")
-        bar.close()
+                        if args.pack:
+                            pending.append((ids, mask))
+                        else:
+                            writers[0].add_document(ids)
+                            writers[1].add_document(mask)
+                    else:
+                        for w, ids in zip(writers, payload):
+                            w.add_document(ids)
+                            counts["tokens"] += len(ids)
+                if args.pack and len(pending) > 4 * CHUNK:
+                    flush_packs(final=False)
+                bar.update(len(chunk_results))
+                bar.set_postfix(tok_s=f"{counts['tokens'] / max(time.perf_counter() - start, 1e-9):,.0f}")
         if args.pack:
             flush_packs(final=True)
         if counts["documents"] == 0:
