@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lib import config as config_lib  # noqa: E402
 from lib import optim  # noqa: E402
-from models import attention, llama  # noqa: E402
+from models import llama  # noqa: E402
 from parallel import sharding  # noqa: E402
 from parallel.mesh import MeshConfig, build_mesh  # noqa: E402
 from parallel.train_step import TrainStepConfig, build_train_step, init_state  # noqa: E402
@@ -90,7 +90,7 @@ def main(argv: list[str]) -> None:
     rules = sharding.load_rules(mesh=mesh)
     params = llama.init(cfg, seed=0)
     state = init_state(params, optim_cfg, step_cfg)
-    ours = build_train_step(cfg, optim_cfg, step_cfg, mesh, rules, attention=attention.sdpa,
+    ours = build_train_step(cfg, optim_cfg, step_cfg, mesh, rules,  # sdpa attention: one process
                             cache_dir=tempfile.mkdtemp(prefix="bench-inductor-"))
 
     eager_model = hf_model(cfg)

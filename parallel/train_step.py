@@ -16,6 +16,7 @@ splits them into micro-batches and wraps them as DTensors before entering the co
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -98,19 +99,19 @@ def recompute_in_backward(fn: Callable) -> Callable:
     return wrapped
 
 
-def apply_remat(mode: str, attention: Callable) -> tuple[Callable | None, Callable]:
-    """(the model's `remat=` hook, the attention kernel) for a recompute mode.
+def apply_remat(mode: str, kernels: llama.Kernels) -> tuple[Callable | None, llama.Kernels]:
+    """(the model's `remat=` hook, the model's kernels) for a recompute mode.
 
     "full": each transformer layer keeps only its input and recomputes everything in the
     backward. "selective": only the attention kernel is recomputed (Megatron's selective
     recompute: the [b, h, s, s] scores are the large, cheap-to-recompute activations).
     """
     if mode == "none":
-        return None, attention
+        return None, kernels
     if mode == "full":
-        return recompute_in_backward, attention
+        return recompute_in_backward, kernels
     if mode == "selective":
-        return None, recompute_in_backward(attention)
+        return None, dataclasses.replace(kernels, attention=recompute_in_backward(kernels.attention))
     raise UserError(f"remat={mode!r} is not one of none, full, selective")
 
 
@@ -140,6 +141,14 @@ def init_state(params: Any, optim_cfg: optim.OptimizerConfig, step_cfg: TrainSte
 # The step
 
 
+def default_kernels(mesh: Mesh) -> llama.Kernels:
+    """The model's pure-torch kernels; on a sharded mesh with reference attention, because
+    F.scaled_dot_product_attention has no DTensor sharding strategy on CPU (DESIGN.md)."""
+    if mesh.device_mesh is None:
+        return llama.Kernels()
+    return llama.Kernels(attention=attention_kernels.reference)
+
+
 def _plain(x: torch.Tensor) -> torch.Tensor:
     return x.full_tensor() if isinstance(x, DTensor) else x
 
@@ -160,22 +169,22 @@ def _check_batch(batch: Batch) -> None:
 
 def build_train_step(model_cfg: llama.Config, optim_cfg: optim.OptimizerConfig,
                      step_cfg: TrainStepConfig, mesh: Mesh, rules: sharding.Rules,
-                     attention: attention_kernels.AttentionFn = attention_kernels.reference,
+                     kernels: llama.Kernels | None = None,
                      cache_dir: str | None = None) -> Callable[[State, Batch], tuple[State, dict]]:
     """`train_step(state, local_batch) -> (new_state, metrics)`.
 
     metrics (plain 0-dim tensors, equal on every rank): "loss" (mean over the valid tokens of
     the global batch, before the update), "grad_norm" (before clipping, after unscaling), "lr",
     "loss_scale" and "skipped" (1 when an fp16 overflow skipped the update).
-    `attention` must run on this mesh: the reference kernel runs under DTensor; fused kernels
-    (SDPA, NPU) need the device bridge's per-shard wrapper.
+    `kernels` (from `parallel.kernels.kernels_for`) must run on this mesh; None picks
+    `default_kernels(mesh)`. `cache_dir`: per-rank inductor caches go under it.
     """
     fp16 = step_cfg.dtype == "fp16"
-    remat, attention = apply_remat(step_cfg.remat, attention)
+    remat, kernels = apply_remat(step_cfg.remat, kernels or default_kernels(mesh))
 
     def token_loss_sum(params: Any, mb: Batch) -> torch.Tensor:
         logits = llama.forward(params, mb["tokens"], model_cfg, positions=mb.get("positions"),
-                               segment_ids=mb.get("segment_ids"), attention=attention, remat=remat)
+                               segment_ids=mb.get("segment_ids"), kernels=kernels, remat=remat)
         return llama.cross_entropy(logits, mb["labels"], reduction="sum")
 
     def step_fn(state: State, micro_batches: list[Batch]) -> tuple[State, dict]:
@@ -227,15 +236,16 @@ def build_train_step(model_cfg: llama.Config, optim_cfg: optim.OptimizerConfig,
 
 
 def build_eval_step(model_cfg: llama.Config, step_cfg: TrainStepConfig, mesh: Mesh,
-                    rules: sharding.Rules,
-                    attention: attention_kernels.AttentionFn = attention_kernels.reference,
+                    rules: sharding.Rules, kernels: llama.Kernels | None = None,
                     cache_dir: str | None = None) -> Callable[[Any, Batch], torch.Tensor]:
     """`eval_step(params, local_batch) -> loss`: mean token loss of the global batch (plain tensor)."""
+    kernels = kernels or default_kernels(mesh)
+
     def eval_fn(params: Any, batch: Batch) -> torch.Tensor:
         with torch.no_grad():
             logits = llama.forward(params, batch["tokens"], model_cfg,
                                    positions=batch.get("positions"),
-                                   segment_ids=batch.get("segment_ids"), attention=attention)
+                                   segment_ids=batch.get("segment_ids"), kernels=kernels)
             return _plain(llama.cross_entropy(logits, batch["labels"]))
 
     compiled = jit_lib.jit(eval_fn, step_cfg.compile_backend if step_cfg.compile else None,

@@ -32,6 +32,7 @@ from parallel.mesh import MeshConfig, build_mesh  # noqa: E402
 from parallel.train_step import TrainStepConfig, build_eval_step, build_train_step, init_state  # noqa: E402
 
 MODEL = llama.PRESETS["tiny"]
+KERNELS = llama.Kernels(attention=attention.reference)
 BATCH, SEQ, STEPS, MICRO = 8, 16, 3, 2
 OPT = optim.OptimizerConfig(lr=0.05, min_lr=0.005, warmup_steps=1, decay_steps=4, schedule="cosine",
                             beta1=0.5, beta2=0.5, eps=1.0, weight_decay=0.1, grad_clip=1.0)
@@ -83,7 +84,7 @@ def run_case(text, params, data, reference, cache_dir):
     sharded = sharding.shard_params(params, llama.param_axes(MODEL), rules, mesh)
     step_cfg = TrainStepConfig(micro_batches=MICRO, compile=compiled)
     state = init_state(sharded, OPT, step_cfg)
-    train_step = build_train_step(MODEL, OPT, step_cfg, mesh, rules, attention=attention.reference,
+    train_step = build_train_step(MODEL, OPT, step_cfg, mesh, rules, kernels=KERNELS,
                                   cache_dir=cache_dir)
     index, count = sharding.batch_shards(rules, mesh)
     rows = BATCH // count
@@ -104,7 +105,7 @@ def run_case(text, params, data, reference, cache_dir):
                   for p, x in pytree.flatten_by_path(state["params"]).items() if p in ("embed", "layers.0.wq")}
     result["placements"] = placements
     if not compiled:  # eval_step, eager: the mean loss of a batch under the sharded params
-        eval_step = build_eval_step(MODEL, step_cfg, mesh, rules, attention=attention.reference)
+        eval_step = build_eval_step(MODEL, step_cfg, mesh, rules, kernels=KERNELS)
         ref = float(llama.loss_fn(ref_params[-1], data[0], MODEL, attention=attention.reference))
         result["eval_loss"] = abs(float(eval_step(state["params"], local(data[0]))) - ref)
     return result

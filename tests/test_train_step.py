@@ -15,6 +15,7 @@ from parallel.mesh import MeshConfig, build_mesh
 from parallel.train_step import TrainStepConfig, build_eval_step, build_train_step, init_state
 
 MODEL = llama.PRESETS["tiny"]
+KERNELS = llama.Kernels(attention=attention.reference)
 OPT = optim.OptimizerConfig(lr=1e-2, min_lr=1e-3, warmup_steps=2, decay_steps=10)
 MESH = build_mesh(MeshConfig())
 RULES = sharding.load_rules(mesh=MESH)
@@ -30,7 +31,7 @@ def make_batch(seed=0, rows=4, seq=16):
 
 def run(step_cfg, steps=2, opt=OPT, **kw):
     state = init_state(llama.init(MODEL, seed=0), opt, step_cfg)
-    step = build_train_step(MODEL, opt, step_cfg, MESH, RULES, attention=attention.reference, **kw)
+    step = build_train_step(MODEL, opt, step_cfg, MESH, RULES, kernels=KERNELS, **kw)
     history = []
     for i in range(steps):
         state, metrics = step(state, make_batch(i))
@@ -82,7 +83,7 @@ def test_fp16_overflow_skips_the_update_and_backs_off_the_scale():
     params = llama.init(MODEL, seed=0)
     state0 = init_state(params, OPT, TrainStepConfig(dtype="fp16", loss_scale=huge))
     step = build_train_step(MODEL, OPT, TrainStepConfig(compile=False, dtype="fp16", loss_scale=huge),
-                            MESH, RULES, attention=attention.reference)
+                            MESH, RULES, kernels=KERNELS)
     state1, m = step(state0, make_batch(0))
     assert int(m["skipped"]) == 1 and float(m["loss_scale"]) == 2.0 ** 40
     assert float(state1["loss_scale"]["scale"]) == 2.0 ** 39
@@ -92,7 +93,7 @@ def test_fp16_overflow_skips_the_update_and_backs_off_the_scale():
     sane = dataclasses.replace(huge, initial=2.0 ** 10)
     state = init_state(params, OPT, TrainStepConfig(dtype="fp16", loss_scale=sane))
     step = build_train_step(MODEL, OPT, TrainStepConfig(compile=False, dtype="fp16", loss_scale=sane),
-                            MESH, RULES, attention=attention.reference)
+                            MESH, RULES, kernels=KERNELS)
     state, m = step(state, make_batch(0))
     assert int(m["skipped"]) == 0 and float(state["loss_scale"]["scale"]) == 2.0 ** 11
     assert m["loss"] == pytest.approx(float(llama.loss_fn(params, make_batch(0), MODEL,
@@ -101,8 +102,7 @@ def test_fp16_overflow_skips_the_update_and_backs_off_the_scale():
 
 def test_eval_step_is_the_mean_loss():
     params = llama.init(MODEL, seed=0)
-    eval_step = build_eval_step(MODEL, TrainStepConfig(compile=False), MESH, RULES,
-                                attention=attention.reference)
+    eval_step = build_eval_step(MODEL, TrainStepConfig(compile=False), MESH, RULES, kernels=KERNELS)
     expected = llama.loss_fn(params, make_batch(3), MODEL, attention=attention.reference)
     assert float(eval_step(params, make_batch(3))) == pytest.approx(float(expected), abs=1e-6)
 
