@@ -46,7 +46,6 @@ class TrainStepConfig:
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"   # params and activations; moments stay fp32
     remat: Literal["none", "full", "selective"] = "none"  # recompute per layer in the backward
     compile: bool = True            # False: the same step, eager (for debugging)
-    compile_backend: str = "inductor"
     loss_scale: optim.LossScaleConfig = field(default_factory=optim.LossScaleConfig)  # fp16 only
 
     def __post_init__(self):
@@ -169,7 +168,7 @@ def _check_batch(batch: Batch) -> None:
 
 def build_train_step(model_cfg: llama.Config, optim_cfg: optim.OptimizerConfig,
                      step_cfg: TrainStepConfig, mesh: Mesh, rules: sharding.Rules,
-                     kernels: llama.Kernels | None = None,
+                     kernels: llama.Kernels | None = None, backend: str | Callable = "inductor",
                      cache_dir: str | None = None) -> Callable[[State, Batch], tuple[State, dict]]:
     """`train_step(state, local_batch) -> (new_state, metrics)`.
 
@@ -177,7 +176,9 @@ def build_train_step(model_cfg: llama.Config, optim_cfg: optim.OptimizerConfig,
     the global batch, before the update), "grad_norm" (before clipping, after unscaling), "lr",
     "loss_scale" and "skipped" (1 when an fp16 overflow skipped the update).
     `kernels` (from `parallel.kernels.kernels_for`) must run on this mesh; None picks
-    `default_kernels(mesh)`. `cache_dir`: per-rank inductor caches go under it.
+    `default_kernels(mesh)`. `backend`: the torch.compile backend (`parallel.kernels.
+    compile_backend(dev)`; unused when step_cfg.compile is False). `cache_dir`: per-rank
+    inductor caches go under it.
     """
     fp16 = step_cfg.dtype == "fp16"
     remat, kernels = apply_remat(step_cfg.remat, kernels or default_kernels(mesh))
@@ -219,7 +220,7 @@ def build_train_step(model_cfg: llama.Config, optim_cfg: optim.OptimizerConfig,
                    "loss_scale": scale, "skipped": (~finite).to(torch.int64)}
         return new_state, metrics
 
-    compiled = jit_lib.jit(step_fn, step_cfg.compile_backend if step_cfg.compile else None,
+    compiled = jit_lib.jit(step_fn, backend if step_cfg.compile else None,
                            cache_dir=cache_dir if step_cfg.compile else None)
     constraint = sharding.activation_constraint(rules, mesh)
 
@@ -237,6 +238,7 @@ def build_train_step(model_cfg: llama.Config, optim_cfg: optim.OptimizerConfig,
 
 def build_eval_step(model_cfg: llama.Config, step_cfg: TrainStepConfig, mesh: Mesh,
                     rules: sharding.Rules, kernels: llama.Kernels | None = None,
+                    backend: str | Callable = "inductor",
                     cache_dir: str | None = None) -> Callable[[Any, Batch], torch.Tensor]:
     """`eval_step(params, local_batch) -> loss`: mean token loss of the global batch (plain tensor)."""
     kernels = kernels or default_kernels(mesh)
@@ -248,7 +250,7 @@ def build_eval_step(model_cfg: llama.Config, step_cfg: TrainStepConfig, mesh: Me
                                    segment_ids=batch.get("segment_ids"), kernels=kernels)
             return _plain(llama.cross_entropy(logits, batch["labels"]))
 
-    compiled = jit_lib.jit(eval_fn, step_cfg.compile_backend if step_cfg.compile else None,
+    compiled = jit_lib.jit(eval_fn, backend if step_cfg.compile else None,
                            cache_dir=cache_dir if step_cfg.compile else None)
     constraint = sharding.activation_constraint(rules, mesh)
 
