@@ -137,6 +137,7 @@ def main() -> None:
                 r = fn(state, root, args.reps, async_save)
                 med = {k: statistics.median(v) for k, v in r.items() if k != "exact"}
                 med["exact"] = r["exact"]
+                med["range"] = {k: (min(v), max(v)) for k, v in r.items() if k != "exact"}
                 rows.append((name, "async" if async_save else "sync", med))
                 print(f"{name:30s} {'async' if async_save else 'sync':5s} blocked {med['blocked']:.3f}s "
                       f"total {med['total']:.3f}s restore {med['restore']:.3f}s "
@@ -147,10 +148,12 @@ def main() -> None:
             shutil.rmtree(scratch, ignore_errors=True)
         dist.destroy_process_group()
 
-    print("\n| writer | mode | blocked (s) | save to commit (s) | restore (s) | restored = state at save() |")
+    print("\nmedian (min-max) seconds")
+    print("| writer | mode | blocked | save to commit | restore | restored = state at save() |")
     print("|---|---|---|---|---|---|")
     for name, mode, m in rows:
-        print(f"| {name} | {mode} | {m['blocked']:.2f} | {m['total']:.2f} | {m['restore']:.2f} | "
+        cell = lambda k: f"{m[k]:.2f} ({m['range'][k][0]:.2f}-{m['range'][k][1]:.2f})"
+        print(f"| {name} | {mode} | {cell('blocked')} | {cell('total')} | {cell('restore')} | "
               f"{'yes' if m['exact'] else 'NO'} |")
     by = {(n.split()[0], mode): m for n, mode, m in rows}
     for mode in ("async", "sync"):

@@ -7,8 +7,11 @@ the slices it needs. Beside the arrays each checkpoint holds `extra`, a JSON dic
 RNG state, resolved config).
 
 Layout: `<dir>/<step>/state` (orbax PyTree, OCDBT) and `<dir>/<step>/extra` (JSON). orbax writes a
-step into `<step>.orbax-checkpoint-tmp-*` and renames it when complete, so a killed save leaves
-the previous steps readable and the half-written one is never listed.
+step into `<step>.orbax-checkpoint-tmp` and renames it when complete, so a killed save leaves
+the previous steps readable, the half-written one is never listed, and the next start removes it.
+
+An async save returns once this rank's pieces are copied into host buffers kept for the next save
+(memory: one host copy of this rank's share of the state); the write goes on in orbax's thread.
 
 Several processes: each rank calls `jax.distributed.initialize` (jax's coordination service, beside
 torch's gloo/nccl group) so orbax can agree on one checkpoint. The coordinator listens on
@@ -67,6 +70,15 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
             raise ValueError(f"state key {k!r} contains {KEY_SEP!r}")
         out.update(flatten(v, f"{prefix}{KEY_SEP}{k}" if prefix else k))
     return out
+
+
+def _tensor_leaves(tree: Any) -> dict[str, torch.Tensor]:
+    flat = flatten(tree)
+    for key, leaf in flat.items():
+        if not isinstance(leaf, torch.Tensor):
+            raise TypeError(f"checkpoint state leaf {key!r} is a {type(leaf).__name__}, not a tensor "
+                            "(put plain values in `extra`)")
+    return flat
 
 
 def unflatten_like(target: Any, flat: dict[str, Any], prefix: str = "") -> Any:
@@ -227,8 +239,12 @@ def _init_jax(rank: int, world: int) -> None:
     addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
     if not addr or not port:
         raise UserError("a multi-process checkpoint needs MASTER_ADDR and MASTER_PORT (torchrun sets them)")
-    jax.distributed.initialize(coordinator_address=f"{addr}:{int(port) + 1}", num_processes=world,
-                               process_id=rank)
+    coordinator = f"{addr}:{int(port) + 1}"
+    try:
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=world, process_id=rank)
+    except Exception as e:  # noqa: BLE001 - jax raises RuntimeError/XlaRuntimeError by version
+        raise UserError(f"checkpoint: cannot start jax's process group at {coordinator} (MASTER_PORT + 1 "
+                        f"must be free on the master host): {e}") from e
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,8 +303,7 @@ class Checkpointer:
         self._manager = None
         self._staging: dict[str, torch.Tensor] = {}
         if cfg.dir:
-            if rank == 0:
-                _check_writable(Path(cfg.dir))
+            _check_writable(Path(cfg.dir))  # every rank: each fails alike instead of hanging in a barrier
             self._manager = self._open(Path(cfg.dir), read_only=False)
 
     def _open(self, root: Path, read_only: bool):
@@ -312,7 +327,7 @@ class Checkpointer:
         import orbax.checkpoint as ocp
         self.wait()  # orbax would wait too; and the staging buffers must be free again
         arrays = {}
-        for key, t in flatten(state).items():
+        for key, t in _tensor_leaves(state).items():
             piece, sharding = _local_piece(t)
             arrays[key] = _global_array(tuple(t.shape), sharding, self._host_copy(key, piece))
         try:
@@ -358,8 +373,9 @@ class Checkpointer:
         return None if self._manager is None else self._manager.latest_step()
 
     def can_restore(self) -> bool:
-        """True when `restore` has something to read: a checkpoint in `dir`, or `load`."""
-        return self.latest_step() is not None or bool(self.cfg.load)
+        """True when `restore` has something to read: a checkpoint in `dir`, or a native checkpoint
+        in `load` (an HF directory in `load` is the runner's to read)."""
+        return self.latest_step() is not None or bool(self.cfg.load and is_native_checkpoint(self.cfg.load))
 
     def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict]:
         """The checkpointed state in `target`'s tree, dtypes, devices and placements, and `extra`.
@@ -382,7 +398,7 @@ class Checkpointer:
         else:
             raise UserError("nothing to restore: no checkpoint in checkpoint.dir and no checkpoint.load")
         where = root / str(step)
-        flat_target = flatten(target)
+        flat_target = _tensor_leaves(target)
         wanted = {k: v for k, v in flat_target.items() if not params_only or k.split(KEY_SEP)[0] == "params"}
         self._check_shapes(manager, step, where, wanted, exact=not params_only)
         import jax

@@ -148,8 +148,13 @@ def test_load_native_and_finetune_takes_params_only(tmp_path):
     assert got["step"] is fresh["step"]
     assert extra == {}
 
+    hf_like = tmp_path / "hf"
+    hf_like.mkdir()
+    (hf_like / "config.json").write_text("{}")
+    from_hf = Checkpointer(CheckpointConfig(load=str(hf_like)))
+    assert not from_hf.can_restore()  # the runner loads HF weights itself
     with pytest.raises(UserError, match="is not a checkpoint written by this project"):
-        Checkpointer(CheckpointConfig(load=str(tmp_path))).restore(fresh)
+        from_hf.restore(fresh)
 
 
 def test_sigkill_during_commit_keeps_previous_checkpoint(tmp_path):
