@@ -175,6 +175,7 @@ def _sharding_of(t: torch.Tensor):
 def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
     """dst[...] = src. Between contiguous host tensors through numpy: one plain memcpy, where
     torch's multi-threaded copy_ ran 20x slower on a small, busy machine (OpenMP barriers)."""
+    dst, src = dst.detach(), src.detach()  # a leaf that requires grad is still filled in place
     if dst.device.type == src.device.type == "cpu" and dst.is_contiguous() and src.is_contiguous():
         np.copyto(_numpy_view(dst), _numpy_view(src))
     else:

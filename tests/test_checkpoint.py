@@ -76,7 +76,10 @@ def test_restore_casts_to_target_dtype(tmp_path):
     ckpt.save(1, state, force=True)
     target = zeros_like(state)
     target["params"]["layers"][0]["wq"] = torch.zeros(6, 4, dtype=torch.bfloat16)
+    target["params"]["embed"].requires_grad_()  # a trainable leaf is filled in place all the same
     got, _ = ckpt.restore(target)
+    assert got["params"]["embed"] is target["params"]["embed"]
+    assert torch.equal(got["params"]["embed"].detach(), state["params"]["embed"])
     assert got["params"]["layers"][0]["wq"].dtype == torch.bfloat16
     want = state["params"]["layers"][0]["wq"].to(torch.bfloat16)
     assert torch.equal(got["params"]["layers"][0]["wq"], want)
