@@ -36,6 +36,8 @@ class BenchConfig:
     seq: int = 256
     batch: int = 8
     rounds: int = 5          # timed steps per contender (after one warm-up step each)
+    # "first step" includes compiling; the inductor cache persists under /tmp between runs, so a
+    # rerun's first step is warm. Delete /tmp/llamax-bench-inductor to time a cold compile.
     gemm_size: int = 1024
 
 
@@ -91,7 +93,7 @@ def main(argv: list[str]) -> None:
     params = llama.init(cfg, seed=0)
     state = init_state(params, optim_cfg, step_cfg)
     ours = build_train_step(cfg, optim_cfg, step_cfg, mesh, rules,  # sdpa attention: one process
-                            cache_dir=tempfile.mkdtemp(prefix="bench-inductor-"))
+                            cache_dir=Path(tempfile.gettempdir()) / "llamax-bench-inductor")
 
     eager_model = hf_model(cfg)
     compiled_model = hf_model(cfg)
@@ -112,14 +114,14 @@ def main(argv: list[str]) -> None:
     first_step = {}
     for name, fn in contenders.items():  # the first step includes compilation
         start = time.perf_counter()
-        float(fn())
+        float(fn().detach())
         first_step[name] = time.perf_counter() - start
         print(f"{name}: first step {first_step[name]:.1f} s", flush=True)
     times = {name: [] for name in contenders}
     for r in range(bc.rounds):
         for name, fn in contenders.items():
             start = time.perf_counter()
-            float(fn())
+            float(fn().detach())
             times[name].append(time.perf_counter() - start)
         print(f"round {r + 1}/{bc.rounds}: " + ", ".join(f"{n} {t[-1]:.2f} s" for n, t in times.items()),
               flush=True)
