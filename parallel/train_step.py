@@ -81,19 +81,21 @@ class _RecomputeInBackward(torch.autograd.Function):
 def recompute_in_backward(fn: Callable) -> Callable:
     """`fn` whose intermediate activations are recomputed in the backward instead of stored.
 
-    Floating-point tensor arguments (nested in dicts/lists too) get gradients; everything else
-    (int tensors, None, configs, functions) is passed through unchanged.
+    Floating-point tensors among the positional arguments (nested in dicts/lists too) get
+    gradients; everything else (int tensors, None, configs, functions, keyword arguments) is
+    passed through unchanged.
     """
     def wrapped(*args, **kwargs):
-        leaves, spec = optree.tree_flatten((args, kwargs))
+        # Keyword arguments stay out of the flattening: dynamo cannot rebuild the treespec of an
+        # empty kwargs dict (optree's DictMetaData) inside the autograd Function.
+        leaves, spec = optree.tree_flatten(args)
         diff = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor) and x.is_floating_point()]
 
         def call(*tensors):
             full = list(leaves)
             for i, t in zip(diff, tensors):
                 full[i] = t
-            a, kw = optree.tree_unflatten(spec, full)
-            return fn(*a, **kw)
+            return fn(*optree.tree_unflatten(spec, full), **kwargs)
         return _RecomputeInBackward.apply(call, *[leaves[i] for i in diff])
     return wrapped
 
