@@ -89,16 +89,18 @@ def adamw_init(params: PyTree) -> dict[str, Any]:
     """Zero fp32 moments; fp32 master weights when any parameter is in a low-precision dtype.
 
     {"count": int64 step counter, "mu": first moments, "nu": second moments,
-     "master": fp32 copies of the params, or None when the params are already fp32}
+     "master": fp32 copies of the params, present only when the params are low precision}
     """
     fp32 = lambda p: torch.zeros_like(p, dtype=torch.float32)
     low_precision = any(p.dtype != torch.float32 for p in pytree.leaves(params))
-    return {
+    state = {
         "count": torch.zeros((), dtype=torch.int64),
         "mu": pytree.tree_map(fp32, params),
         "nu": pytree.tree_map(fp32, params),
-        "master": pytree.tree_map(lambda p: p.detach().float().clone(), params) if low_precision else None,
     }
+    if low_precision:
+        state["master"] = pytree.tree_map(lambda p: p.detach().float().clone(), params)
+    return state
 
 
 def adamw_update(grads: PyTree, state: dict[str, Any], params: PyTree, lr: torch.Tensor | float,
@@ -112,7 +114,7 @@ def adamw_update(grads: PyTree, state: dict[str, Any], params: PyTree, lr: torch
     c = count.to(torch.float32)
     bias1 = 1 - cfg.beta1 ** c
     bias2_sqrt = torch.sqrt(1 - cfg.beta2 ** c)
-    master = state["master"] if state["master"] is not None else params
+    master = state.get("master", params)
 
     b1, b2 = cfg.beta1, cfg.beta2
     mu = pytree.tree_map(lambda g, m: m * b1 + g.float() * (1 - b1), grads, state["mu"])
@@ -126,8 +128,9 @@ def adamw_update(grads: PyTree, state: dict[str, Any], params: PyTree, lr: torch
 
     new_master = pytree.tree_map(step, master, mu, nu)
     new_params = pytree.tree_map(lambda w, p: w.to(p.dtype), new_master, params)
-    new_state = {"count": count, "mu": mu, "nu": nu,
-                 "master": new_master if state["master"] is not None else None}
+    new_state = {"count": count, "mu": mu, "nu": nu}
+    if "master" in state:
+        new_state["master"] = new_master
     return new_params, new_state
 
 

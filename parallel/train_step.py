@@ -38,6 +38,8 @@ from parallel.mesh import Mesh
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 State = dict[str, Any]
 Batch = dict[str, torch.Tensor]
+# forward(params, tokens, *, positions, segment_ids, kernels, remat, training) -> logits
+ForwardFn = Callable[..., torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,13 @@ def init_state(params: Any, optim_cfg: optim.OptimizerConfig, step_cfg: TrainSte
 # The step
 
 
+def base_forward(model_cfg: llama.Config) -> ForwardFn:
+    """`models.llama.forward` as a ForwardFn (the plain model behaves the same in training)."""
+    def forward(params: Any, tokens: torch.Tensor, *, training: bool, **kw) -> torch.Tensor:
+        return llama.forward(params, tokens, model_cfg, **kw)
+    return forward
+
+
 def default_kernels(mesh: Mesh) -> llama.Kernels:
     """The model's pure-torch kernels; on a sharded mesh with reference attention, because
     F.scaled_dot_product_attention has no DTensor sharding strategy on CPU (DESIGN.md)."""
@@ -171,7 +180,8 @@ def _check_batch(batch: Batch) -> None:
 def build_train_step(model_cfg: llama.Config, optim_cfg: optim.OptimizerConfig,
                      step_cfg: TrainStepConfig, mesh: Mesh, rules: sharding.Rules,
                      kernels: llama.Kernels | None = None, backend: str | Callable = "inductor",
-                     cache_dir: str | None = None) -> Callable[[State, Batch], tuple[State, dict]]:
+                     cache_dir: str | None = None, forward: ForwardFn | None = None,
+                     ) -> Callable[[State, Batch], tuple[State, dict]]:
     """`train_step(state, local_batch) -> (new_state, metrics)`.
 
     metrics (plain 0-dim tensors, equal on every rank): "loss" (mean over the valid tokens of
@@ -180,14 +190,17 @@ def build_train_step(model_cfg: llama.Config, optim_cfg: optim.OptimizerConfig,
     `kernels` (from `parallel.kernels.kernels_for`) must run on this mesh; None picks
     `default_kernels(mesh)`. `backend`: the torch.compile backend (`parallel.kernels.
     compile_backend(dev)`; unused when step_cfg.compile is False). `cache_dir`: per-rank
-    inductor caches go under it.
+    inductor caches go under it. `forward`: the model as a function of the trained tree
+    (default `models.llama.forward`; LoRA passes its adapter forward over a frozen base).
     """
     fp16 = step_cfg.dtype == "fp16"
     remat, kernels = apply_remat(step_cfg.remat, kernels or default_kernels(mesh))
+    forward = forward or base_forward(model_cfg)
 
     def token_loss_sum(params: Any, mb: Batch) -> torch.Tensor:
-        logits = llama.forward(params, mb["tokens"], model_cfg, positions=mb.get("positions"),
-                               segment_ids=mb.get("segment_ids"), kernels=kernels, remat=remat)
+        logits = forward(params, mb["tokens"], positions=mb.get("positions"),
+                         segment_ids=mb.get("segment_ids"), kernels=kernels, remat=remat,
+                         training=True)
         return llama.cross_entropy(logits, mb["labels"], reduction="sum")
 
     def step_fn(state: State, micro_batches: list[Batch]) -> tuple[State, dict]:
@@ -240,16 +253,16 @@ def build_train_step(model_cfg: llama.Config, optim_cfg: optim.OptimizerConfig,
 
 def build_eval_step(model_cfg: llama.Config, step_cfg: TrainStepConfig, mesh: Mesh,
                     rules: sharding.Rules, kernels: llama.Kernels | None = None,
-                    backend: str | Callable = "inductor",
-                    cache_dir: str | None = None) -> Callable[[Any, Batch], torch.Tensor]:
+                    backend: str | Callable = "inductor", cache_dir: str | None = None,
+                    forward: ForwardFn | None = None) -> Callable[[Any, Batch], torch.Tensor]:
     """`eval_step(params, local_batch) -> loss`: mean token loss of the global batch (plain tensor)."""
     kernels = kernels or default_kernels(mesh)
+    forward = forward or base_forward(model_cfg)
 
     def eval_fn(params: Any, batch: Batch) -> torch.Tensor:
         with torch.no_grad():
-            logits = llama.forward(params, batch["tokens"], model_cfg,
-                                   positions=batch.get("positions"),
-                                   segment_ids=batch.get("segment_ids"), kernels=kernels)
+            logits = forward(params, batch["tokens"], positions=batch.get("positions"),
+                             segment_ids=batch.get("segment_ids"), kernels=kernels, training=False)
             return _plain(llama.cross_entropy(logits, batch["labels"]))
 
     compiled = jit_lib.jit(eval_fn, backend if step_cfg.compile else None,

@@ -94,10 +94,13 @@ def _wait_for_rank0(path: Path) -> None:
 
 def default_dataset(workdir: str | os.PathLike, max_bytes: int = DEFAULT_BYTES,
                     vocab_size: int = DEFAULT_VOCAB) -> tuple[str, str]:
-    """(data prefix, tokenizer path) of the default corpus under `workdir`, built on first use."""
+    """(data prefix, tokenizer path) of the default corpus under `workdir`, built on first use.
+
+    Each tokenizer size gets its own folder, so models of different vocabularies can share a workdir.
+    """
     from lib.tokenizer import load_tokenizer, train_sentencepiece
 
-    out = Path(workdir) / "default_corpus"
+    out = Path(workdir) / f"default_corpus_v{vocab_size}"
     prefix, tok_path = out / "corpus_text_document", out / "tokenizer.model"
     _wait_for_rank0(Path(f"{prefix}.idx"))
     if Path(f"{prefix}.idx").exists() and tok_path.exists():

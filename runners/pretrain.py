@@ -1,0 +1,81 @@
+"""Pretraining: `python -m runners.pretrain [config.yaml] [key=value ...]`.
+
+With no arguments it trains a small LLaMA on the generated default corpus on this machine's
+device, and says where its logs and checkpoints went. With a config it trains any preset under
+any mesh; launch several processes with torchrun.
+
+    python -m runners.pretrain configs/llama2-7b.yaml mesh.fsdp=8 train.steps=1000
+    torchrun --nproc_per_node 2 -m runners.pretrain configs/tiny.yaml mesh.fsdp=2
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lib import checkpoint as ckpt_lib
+from lib import cli
+from lib import config as config_lib
+from lib import optim
+from lib.data import DataConfig
+from lib.data import corpus
+from models import llama
+from parallel import train_step
+from parallel.mesh import MeshConfig
+from runners import trainer
+
+# The embedded default: a model small enough to learn the generated corpus in minutes on a CPU.
+DEFAULT_MODEL = llama.Config(vocab_size=corpus.DEFAULT_VOCAB, dim=128, n_layers=4, n_heads=4,
+                             n_kv_heads=2, ffn_dim=352, max_seq_len=256)
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    model: llama.Config = DEFAULT_MODEL
+    train: trainer.TrainConfig = field(default_factory=trainer.TrainConfig)
+    optim: optim.OptimizerConfig = optim.OptimizerConfig(lr=2e-3, min_lr=2e-4, warmup_steps=30,
+                                                         decay_steps=300, weight_decay=0.1)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    logical_axis_rules: tuple[tuple[str, Any], ...] = field(default_factory=trainer.default_rules)
+    data: DataConfig = DataConfig(seq_len=128)   # no paths: the generated default corpus
+    checkpoint: ckpt_lib.CheckpointConfig = ckpt_lib.CheckpointConfig(every=100, keep=2)
+    out_dir: str = "runs/pretrain"
+
+
+def with_defaults(cfg: PretrainConfig) -> PretrainConfig:
+    """Fill what the config leaves implicit: the default corpus, the checkpoint directory."""
+    data = cfg.data
+    if not data.paths:
+        # The tokenizer is trained to fit the model: min(vocab, 1000) pieces for the ~1 MB corpus.
+        vocab = min(cfg.model.vocab_size, corpus.DEFAULT_VOCAB)
+        prefix, tokenizer = corpus.default_dataset(Path(cfg.out_dir).parent / "default-data",
+                                                   vocab_size=vocab)
+        data = dataclasses.replace(data, paths=(prefix,), tokenizer=tokenizer)
+    return dataclasses.replace(cfg, data=data,
+                               checkpoint=trainer.resolve_out_dirs(cfg.out_dir, cfg.checkpoint))
+
+
+def main(argv: Sequence[str]) -> int:
+    cfg = with_defaults(config_lib.parse_argv(PretrainConfig, argv))
+    run = trainer.setup(cfg.train, cfg.mesh, cfg.logical_axis_rules, cfg.out_dir)
+    model, params = trainer.initial_params(cfg.checkpoint.load, cfg.model, cfg.train.seed)
+    if model != cfg.model:
+        cfg = dataclasses.replace(cfg, model=model)
+    trainer.check_vocab(model, cfg.data)
+    params = trainer.shard(run, params, llama.param_axes(model))
+    state = train_step.init_state(params, cfg.optim, cfg.train.step)
+    cache = run.out_dir / "inductor-cache"
+    step_fn = train_step.build_train_step(model, cfg.optim, cfg.train.step, run.mesh, run.rules,
+                                          kernels=run.kernels, backend=run.backend, cache_dir=cache)
+    eval_fn = train_step.build_eval_step(model, cfg.train.step, run.mesh, run.rules,
+                                         kernels=run.kernels, backend=run.backend, cache_dir=cache)
+    trainer.train_loop(run=run, cfg=cfg, train=cfg.train, model=model, optim_cfg=cfg.optim,
+                       data_cfg=cfg.data, ckpt_cfg=cfg.checkpoint, state=state,
+                       step_fn=step_fn, eval_fn=eval_fn)
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)
