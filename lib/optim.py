@@ -198,12 +198,6 @@ def loss_scale_init(cfg: LossScaleConfig) -> dict[str, torch.Tensor]:
             "good_steps": torch.zeros((), dtype=torch.int64)}
 
 
-def all_finite(tree: PyTree) -> torch.Tensor:
-    """True (0-dim bool tensor) when no leaf holds inf or nan, on every rank of a sharded tree."""
-    # inf and nan propagate through a sum, and the global norm already all-reduces over shards.
-    return torch.isfinite(global_norm(tree))
-
-
 def loss_scale_update(state: dict[str, torch.Tensor], finite: torch.Tensor,
                       cfg: LossScaleConfig) -> dict[str, torch.Tensor]:
     """After a step: halve the scale on overflow, double it after `growth_interval` finite steps."""

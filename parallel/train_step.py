@@ -186,7 +186,7 @@ def build_train_step(model_cfg: llama.Config, optim_cfg: optim.OptimizerConfig,
 
     metrics (plain 0-dim tensors, equal on every rank): "loss" (mean over the valid tokens of
     the global batch, before the update), "grad_norm" (before clipping, after unscaling), "lr",
-    "loss_scale" and "skipped" (1 when an fp16 overflow skipped the update).
+    "loss_scale" and "skipped" (1 when non-finite gradients skipped the update).
     `kernels` (from `parallel.kernels.kernels_for`) must run on this mesh; None picks
     `default_kernels(mesh)`. `backend`: the torch.compile backend (`parallel.kernels.
     compile_backend(dev)`; unused when step_cfg.compile is False). `cache_dir`: per-rank
@@ -219,14 +219,16 @@ def build_train_step(model_cfg: llama.Config, optim_cfg: optim.OptimizerConfig,
             loss = loss + l
         grads = sharding.shard_like(grads, params)
         grads = pytree.tree_map(lambda g: g.float() / scale, grads)
-        finite = optim.all_finite(grads) if fp16 else torch.ones((), dtype=torch.bool)
         grads, grad_norm = optim.clip_by_global_norm(grads, optim_cfg.grad_clip)
+        # inf/nan anywhere makes the global norm non-finite. Such a step (an fp16 overflow, or a
+        # diverging run in any dtype) keeps the old params and moments, so the state, and any
+        # checkpoint of it, stays usable; torch.where keeps the graph free of data-dependent branches.
+        finite = torch.isfinite(grad_norm)
         lr = optim.learning_rate(optim_cfg, state["step"])
         new_params, new_opt = optim.adamw_update(grads, state["opt"], params, lr, optim_cfg)
-        if fp16:  # an overflow keeps the old params and moments (torch.where: no data-dependent branch)
-            keep = lambda new, old: torch.where(finite, new, old)
-            new_params = pytree.tree_map(keep, new_params, params)
-            new_opt = pytree.tree_map(keep, new_opt, state["opt"])
+        keep = lambda new, old: torch.where(finite, new, old)
+        new_params = pytree.tree_map(keep, new_params, params)
+        new_opt = pytree.tree_map(keep, new_opt, state["opt"])
         new_scale = optim.loss_scale_update(state["loss_scale"], finite, step_cfg.loss_scale) \
             if fp16 else state["loss_scale"]
         new_state = {"params": new_params, "opt": new_opt, "step": state["step"] + 1,

@@ -200,13 +200,18 @@ def train_loop(*, run: Run, cfg: Any, train: TrainConfig, model: llama.Config,
             consumed += gb
             loss = _scalar(m["loss"])
             meter.update(tokens=gb * data_cfg.seq_len, samples=gb)
-            if not math.isfinite(loss) and not _scalar(m["skipped"]):
+            # A non-finite step leaves the state untouched (the step skips it). Under fp16 that is
+            # loss scaling at work; in other dtypes it is divergence, tolerated a few times.
+            diverged = not math.isfinite(loss) or bool(_scalar(m["skipped"]))
+            if diverged and train.step.dtype != "fp16":
                 bad_steps += 1
                 if bad_steps >= train.max_bad_steps:
                     raise UserError(
-                        f"loss is {loss} at step {step} ({bad_steps} non-finite steps in a row, "
-                        f"train.max_bad_steps={train.max_bad_steps}); the last checkpoint is "
-                        f"{ckpt.latest_step()}. Lower optim.lr or use train.step.dtype=fp32/bf16")
+                        f"training diverged at step {step}: loss {loss}, grad norm "
+                        f"{_scalar(m['grad_norm'])} ({bad_steps} non-finite steps in a row, "
+                        f"train.max_bad_steps={train.max_bad_steps}; those updates were skipped, "
+                        f"the last checkpoint is step {ckpt.latest_step()}). Lower optim.lr, "
+                        "clip gradients (optim.grad_clip) or train in fp32/bf16")
             else:
                 bad_steps = 0
             progress.update(1)

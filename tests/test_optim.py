@@ -121,17 +121,3 @@ def test_loss_scale_backs_off_on_overflow_and_grows_after_interval():
     assert float(s["scale"]) == 1024.0 and int(s["good_steps"]) == 0
 
 
-def test_all_finite():
-    grads = _tree()
-    assert bool(optim.all_finite(grads))
-    grads["layers"][1]["norm"][2] = float("nan")
-    assert not bool(optim.all_finite(grads))
-    grads["layers"][1]["norm"][2] = float("inf")
-    assert not bool(optim.all_finite(grads))
-
-
-@pytest.mark.parametrize("kw", [dict(min_lr=1.0, lr=0.1), dict(warmup_steps=10, decay_steps=5),
-                                dict(beta2=1.0), dict(grad_clip=-1.0)])
-def test_bad_config_is_rejected(kw):
-    with pytest.raises(ValueError):
-        optim.OptimizerConfig(**kw)

@@ -1,0 +1,132 @@
+"""runners.pretrain end to end (eager, tiny): training, logs, exact resume after SIGKILL, faults."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lib import checkpoint as ckpt_lib
+from lib.data.corpus import default_dataset
+from lib.errors import UserError
+from models import hf, llama
+from parallel import train_step
+from runners import pretrain
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    prefix, tok = default_dataset(tmp_path_factory.mktemp("corpus"), max_bytes=200_000, vocab_size=512)
+    return [f"data.paths=[{prefix}]", f"data.tokenizer={tok}"]
+
+
+def args(data, out, *extra):
+    return ["model=tiny", *data, "data.seq_len=32", "train.global_batch=4", "train.steps=12",
+            "train.log_every=1", "train.eval_every=6", "train.eval_batches=2",
+            "train.step.compile=false", "optim.warmup_steps=2", "optim.decay_steps=12",
+            "checkpoint.every=4", f"out_dir={out}", *extra]
+
+
+def metrics(out):
+    return [json.loads(line) for line in Path(out, "metrics.jsonl").read_text().splitlines()]
+
+
+def final_state(out, step, model=llama.PRESETS["tiny"]):
+    target = train_step.init_state(llama.init(model), pretrain.PretrainConfig().optim,
+                                   train_step.TrainStepConfig())
+    ckpt = ckpt_lib.Checkpointer(ckpt_lib.CheckpointConfig(dir=str(Path(out, "checkpoints"))))
+    state, extra = ckpt.restore(target, step=step)
+    ckpt.close()
+    return state, extra
+
+
+def test_pretrain_trains_logs_and_checkpoints(data, tmp_path):
+    out = tmp_path / "run"
+    pretrain.main(args(data, out, "optim.lr=3e-3"))
+    rows = metrics(out)
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, 13))
+    assert train_rows[-1]["loss"] < train_rows[0]["loss"] - 0.3  # it learns
+    for key in ("lr", "grad_norm", "tokens_per_s_per_device", "tflops_per_device", "step_time_s"):
+        assert key in train_rows[-1]
+    assert [r["step"] for r in rows if "val_loss" in r] == [6, 12]
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["12", "8"]  # keep=2
+    state, extra = final_state(out, 12)
+    assert int(state["step"]) == 12 and extra["consumed_samples"] == 48
+    assert extra["config"]["model"]["n_layers"] == 2
+
+
+def test_sigkill_then_resume_is_bit_identical(data, tmp_path):
+    steps = ["train.steps=40", "optim.decay_steps=40", "train.eval_every=0"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    pretrain.main(args(data, whole, *steps))
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "runners.pretrain", *args(data, killed, *steps)],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        log = killed / "metrics.jsonl"
+        if log.exists() and any(json.loads(l)["step"] >= 10 for l in log.read_text().splitlines() if l):
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    committed = [int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit()]
+    assert committed and max(committed) < 40
+
+    pretrain.main(args(data, killed, *steps))
+    a, _ = final_state(whole, 40)
+    b, _ = final_state(killed, 40)
+    for (path, x), (_, y) in zip(ckpt_lib.flatten(a).items(), ckpt_lib.flatten(b).items()):
+        assert torch.equal(x, y), path
+    # The resumed log continues where the checkpoint was, without duplicated steps.
+    steps_logged = [r["step"] for r in metrics(killed) if "loss" in r]
+    assert steps_logged == sorted(set(steps_logged)) and steps_logged[-1] == 40
+
+
+def test_divergence_stops_naming_the_step_and_keeps_the_state(data, tmp_path):
+    out = tmp_path / "nan"
+    with pytest.raises(UserError, match=r"diverged at step \d+: .* grad norm nan \(2 non-finite"):
+        pretrain.main(args(data, out, "optim.lr=1e6", "optim.grad_clip=0", "optim.min_lr=0",
+                           "train.max_bad_steps=2", "checkpoint.every=1"))
+    # Non-finite steps are skipped: the last checkpoint holds finite parameters.
+    state, _ = final_state(out, None)
+    assert all(torch.isfinite(t).all() for t in ckpt_lib.flatten(state["params"]).values())
+
+
+def test_mesh_that_does_not_fit_the_world(data, tmp_path):
+    with pytest.raises(UserError, match=r"product 2 != world size 1"):
+        pretrain.main(args(data, tmp_path / "m", "mesh.fsdp=2"))
+
+
+def test_resuming_with_another_model_shape_is_an_error(data, tmp_path):
+    out = tmp_path / "shape"
+    pretrain.main(args(data, out, "train.steps=4", "optim.decay_steps=4", "train.eval_every=0"))
+    with pytest.raises(UserError, match=r"has shape .* the model expects"):
+        pretrain.main(args(data, out, "train.steps=8", "model.ffn_dim=128", "train.eval_every=0"))
+
+
+def test_unwritable_output_is_reported(data, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(UserError, match="file"):
+        pretrain.main(args(data, blocker / "run"))
+
+
+def test_finetune_from_an_hf_directory(data, tmp_path):
+    config = llama.PRESETS["tiny"]
+    params = llama.init(config, seed=7)
+    hf.save(tmp_path / "hf", config, params)
+    out = tmp_path / "ft"
+    pretrain.main(args(data, out, f"checkpoint.load={tmp_path / 'hf'}", "train.steps=1",
+                       "optim.lr=0", "optim.min_lr=0", "train.eval_every=0"))
+    state, _ = final_state(out, 1)
+    torch.testing.assert_close(state["params"]["embed"], params["embed"], rtol=0, atol=0)
