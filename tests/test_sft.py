@@ -1,0 +1,70 @@
+"""runners.sft end to end (eager, tiny): alpaca data -> preprocess -> LoRA / full fine-tuning."""
+import json
+import random
+
+import pytest
+import torch
+
+from lib.data.corpus import default_dataset
+from lib.errors import UserError
+from models import hf, llama, lora, peft
+from runners import preprocess, sft
+
+WORDS = "list sort the numbers name a colour give one fruit reverse this word count letters".split()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sft")
+    _, tok = default_dataset(root, max_bytes=150_000, vocab_size=512)
+    rng = random.Random(0)
+    records = [{"instruction": " ".join(rng.choices(WORDS, k=6)), "input": "",
+                "output": " ".join(rng.choices(WORDS, k=8))} for _ in range(64)]
+    (root / "alpaca.json").write_text(json.dumps(records))
+    preprocess.main(["--input", str(root / "alpaca.json"), "--output-prefix", str(root / "alpaca"),
+                     "--tokenizer", tok, "--handler", "alpaca", "--template", "alpaca",
+                     "--seq-length", "192", "--pack"])
+    config = llama.PRESETS["tiny"]
+    hf.save(root / "base", config, llama.init(config, seed=1))
+    return root, tok
+
+
+def run_sft(root, tok, out, *extra):
+    sft.main([f"checkpoint.load={root / 'base'}", f"data.paths=[{root / 'alpaca'}]",
+              f"data.tokenizer={tok}", "data.seq_len=192", "data.split=90,10,0",
+              "train.steps=6", "train.global_batch=4", "train.log_every=1",
+              "train.step.compile=false", "optim.lr=1e-2", "optim.decay_steps=6",
+              f"out_dir={out}", *extra])
+    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_lora_trains_adapters_only_and_writes_peft(setup, tmp_path):
+    root, tok = setup
+    rows = run_sft(root, tok, tmp_path / "lora", "lora.r=4", "lora.alpha=8",
+                   "lora.target_modules=[q,v]", "lora.dropout=0.1")
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert losses[-1] < losses[0]
+    lora_cfg, adapters, modules = peft.load(tmp_path / "lora" / "adapter")
+    assert lora_cfg.r == 4 and lora_cfg.target_modules == ("q", "v") and not modules
+    assert all(ab["b"].abs().sum() > 0 for layer in adapters["layers"] for ab in layer.values())
+    assert set(adapters["layers"][0]) == {"wq", "wv"}
+
+
+def test_full_finetune_writes_an_hf_model(setup, tmp_path):
+    root, tok = setup
+    run_sft(root, tok, tmp_path / "full", "train.eval_every=3")
+    config, tuned = hf.load(tmp_path / "full" / "hf")
+    _, base = hf.load(root / "base")
+    assert config == llama.PRESETS["tiny"]
+    assert not torch.equal(tuned["layers"][0]["wq"], base["layers"][0]["wq"])
+
+
+def test_lora_with_full_recompute_is_refused(setup, tmp_path):
+    root, tok = setup
+    with pytest.raises(UserError, match="remat=full"):
+        run_sft(root, tok, tmp_path / "x", "lora.r=4", "train.step.remat=full")
+
+
+def test_sft_needs_a_model_and_data(tmp_path):
+    with pytest.raises(UserError, match="checkpoint.load"):
+        sft.main([f"out_dir={tmp_path}"])
