@@ -25,6 +25,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
+from tqdm import tqdm
+
 GIB = 1024**3
 
 
@@ -156,7 +158,9 @@ class MetricsLogger:
             return
         values = {k: _plain(v) for k, v in metrics.items()}
         line = " | ".join([f"step {step}"] + [f"{k} {_console_value(k, v)}" for k, v in values.items()])
-        print(line, file=self._console, flush=True)
+        # tqdm.write clears and redraws an active progress bar instead of writing through it.
+        tqdm.write(line, file=self._console)
+        self._console.flush()
         known = {k: v for k, v in values.items() if v is not None}
         record = {"step": step, "time": time.time(), **{k: _json_value(v) for k, v in known.items()}}
         self._file.write(json.dumps(record) + "\n")

@@ -10,7 +10,6 @@ mesh and compiles these functions. Weights are stored [in, out] (x @ w), as JAX 
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -293,24 +292,19 @@ def transformer_layer(p: Params, x: torch.Tensor, cos, sin, segment_ids, config:
 def forward(params: Params, tokens: torch.Tensor, config: Config, *,
             positions: torch.Tensor | None = None,
             segment_ids: torch.Tensor | None = None,
-            attention: attention_kernels.AttentionFn | None = None,
-            kernels: Kernels | None = None,
+            kernels: Kernels = Kernels(),
             remat: Callable[[Callable], Callable] | None = None) -> torch.Tensor:
     """Logits [batch, seq, vocab] for token ids [batch, seq].
 
     positions:   [batch, seq] rotary positions (default 0..seq-1; packed data restarts them).
     segment_ids: [batch, seq] document ids; attention never crosses a segment boundary.
     kernels:     attention / norm / rope / swiglu functions (default `Kernels()`: pure torch, sdpa).
-    attention:   shorthand that replaces `kernels.attention` (a `models.attention` kernel).
     remat:       wraps the per-layer function, e.g. activation checkpointing from `parallel/`.
     """
     b, s = tokens.shape
     if positions is None:
         positions = torch.arange(s, device=tokens.device).expand(b, s)
     x = constrain(params["embed"][tokens], ("batch", "seq", "embed"))
-    kernels = kernels or Kernels()
-    if attention is not None:
-        kernels = dataclasses.replace(kernels, attention=attention)
     cos, sin = rope_cos_sin(config, positions, x.dtype)
     layer_fn = remat(transformer_layer) if remat is not None else transformer_layer
     for p in params["layers"]:

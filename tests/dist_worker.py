@@ -59,7 +59,7 @@ def reference_run(params, data):
     losses, norms, snapshots = [], [], []
     for step, batch in enumerate(data):
         opt.zero_grad()
-        loss = llama.loss_fn(tree, batch, MODEL, attention=attention.reference)
+        loss = llama.loss_fn(tree, batch, MODEL, kernels=KERNELS)
         loss.backward()
         norms.append(float(torch.nn.utils.clip_grad_norm_(list(leaves.values()), OPT.grad_clip)))
         for group in opt.param_groups:
@@ -106,7 +106,7 @@ def run_case(text, params, data, reference, cache_dir):
     result["placements"] = placements
     if not compiled:  # eval_step, eager: the mean loss of a batch under the sharded params
         eval_step = build_eval_step(MODEL, step_cfg, mesh, rules, kernels=KERNELS)
-        ref = float(llama.loss_fn(ref_params[-1], data[0], MODEL, attention=attention.reference))
+        ref = float(llama.loss_fn(ref_params[-1], data[0], MODEL, kernels=KERNELS))
         result["eval_loss"] = abs(float(eval_step(state["params"], local(data[0]))) - ref)
     return result
 

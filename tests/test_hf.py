@@ -30,7 +30,7 @@ ATOL = 1e-4
 
 def _forward(params, tokens, config, kernel=attention.sdpa):
     with torch.no_grad():
-        return llama.forward(params, tokens, config, attention=kernel)
+        return llama.forward(params, tokens, config, kernels=llama.Kernels(attention=kernel))
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))

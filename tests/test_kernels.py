@@ -168,11 +168,11 @@ def test_kernels_reach_every_layer():
         norms.append(eps)
         return llama.rms_norm(x, w, eps)
 
-    ks = llama.Kernels(rms_norm=counting_rms_norm)
-    out = llama.forward(params, tokens, config, kernels=ks, attention=attention_lib.reference)
+    ks = llama.Kernels(attention=attention_lib.reference, rms_norm=counting_rms_norm)
+    out = llama.forward(params, tokens, config, kernels=ks)
     assert len(norms) == 2 * config.n_layers + 1
     torch.testing.assert_close(out, llama.forward(params, tokens, config,
-                                                  attention=attention_lib.reference))
+                                                  kernels=llama.Kernels(attention=attention_lib.reference)))
 
 
 def test_cpu_kernels_are_pure_torch():

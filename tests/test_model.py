@@ -80,7 +80,7 @@ def test_segment_ids_block_cross_document_attention():
         alone_b = llama.forward(params, doc_b, config)
         for kernel in (attention.reference, attention.sdpa):
             out = llama.forward(params, packed, config, positions=positions, segment_ids=segments,
-                                attention=kernel)
+                                kernels=llama.Kernels(attention=kernel))
             torch.testing.assert_close(out[:, :20], alone_a, atol=1e-5, rtol=0)
             torch.testing.assert_close(out[:, 20:], alone_b, atol=1e-5, rtol=0)
         # Without segment ids the second document sees the first: the check above has teeth.

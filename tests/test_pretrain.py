@@ -1,5 +1,6 @@
 """runners.pretrain end to end (eager, tiny): training, logs, exact resume after SIGKILL, faults."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -130,3 +131,25 @@ def test_finetune_from_an_hf_directory(data, tmp_path):
                        "optim.lr=0", "optim.min_lr=0", "train.eval_every=0"))
     state, _ = final_state(out, 1)
     torch.testing.assert_close(state["params"]["embed"], params["embed"], rtol=0, atol=0)
+
+
+@pytest.mark.distributed
+def test_torchrun_fsdp_then_resume_under_tensor_parallel(data, tmp_path):
+    """Two ranks write one checkpoint under FSDP; the run resumes under TP (resharded on load)."""
+    out = tmp_path / "dist"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "runners.pretrain"]
+    common = args(data, out, "train.eval_every=0", "optim.decay_steps=8", "train.device=cpu")
+    first = subprocess.run([*torchrun, *common, "train.steps=4", "mesh.fsdp=2"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = subprocess.run([*torchrun, *common, "train.steps=8", "mesh.fsdp=1", "mesh.tensor=2"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming at step 4" in second.stdout
+    rows = [r for r in metrics(out) if "loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert all(math.isfinite(r["loss"]) for r in rows) and rows[-1]["loss"] < rows[0]["loss"]
+    state, extra = final_state(out, 8)
+    assert extra["consumed_samples"] == 32 and extra["config"]["mesh"]["tensor"] == 2

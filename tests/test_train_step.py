@@ -41,7 +41,7 @@ def run(step_cfg, steps=2, opt=OPT, **kw):
 
 def test_loss_metric_is_the_models_mean_loss_before_the_update():
     _, history = run(TrainStepConfig(compile=False), steps=1)
-    expected = llama.loss_fn(llama.init(MODEL, seed=0), make_batch(0), MODEL, attention=attention.reference)
+    expected = llama.loss_fn(llama.init(MODEL, seed=0), make_batch(0), MODEL, kernels=KERNELS)
     assert history[0]["loss"] == pytest.approx(float(expected), abs=1e-6)
     assert history[0]["lr"] == pytest.approx(float(optim.learning_rate(OPT, 0)))
     assert history[0]["skipped"] == 0 and history[0]["loss_scale"] == 1.0
@@ -97,13 +97,13 @@ def test_fp16_overflow_skips_the_update_and_backs_off_the_scale():
     state, m = step(state, make_batch(0))
     assert int(m["skipped"]) == 0 and float(state["loss_scale"]["scale"]) == 2.0 ** 11
     assert m["loss"] == pytest.approx(float(llama.loss_fn(params, make_batch(0), MODEL,
-                                                          attention=attention.reference)), abs=2e-2)
+                                                          kernels=KERNELS)), abs=2e-2)
 
 
 def test_eval_step_is_the_mean_loss():
     params = llama.init(MODEL, seed=0)
     eval_step = build_eval_step(MODEL, TrainStepConfig(compile=False), MESH, RULES, kernels=KERNELS)
-    expected = llama.loss_fn(params, make_batch(3), MODEL, attention=attention.reference)
+    expected = llama.loss_fn(params, make_batch(3), MODEL, kernels=KERNELS)
     assert float(eval_step(params, make_batch(3))) == pytest.approx(float(expected), abs=1e-6)
 
 
