@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal

@@ -2,7 +2,6 @@ import json
 
 import pytest
 
-from lib.errors import UserError
 from runners import compare_loss
 
 

@@ -7,7 +7,7 @@ import torch
 
 from lib.data.corpus import default_dataset
 from lib.errors import UserError
-from models import hf, llama, lora, peft
+from models import hf, llama, peft
 from runners import preprocess, sft
 
 WORDS = "list sort the numbers name a colour give one fruit reverse this word count letters".split()
