@@ -76,6 +76,6 @@ def test_four_ranks_fsdp_x_tensor_eager(tmp_path, inductor_cache):
 
 
 @pytest.mark.compiled
-def test_two_ranks_compiled_fsdp(tmp_path, inductor_cache):
-    # One compiled graph per rank; cold inductor on a busy 2-core machine takes minutes.
-    check(spawn(2, ["compiled:fsdp=2"], tmp_path, inductor_cache, timeout=900))
+def test_two_ranks_compiled_fsdp_and_tensor(tmp_path, inductor_cache):
+    # One compiled graph per case and rank; cold inductor on a busy 2-core machine takes minutes.
+    check(spawn(2, ["compiled:fsdp=2", "compiled:tensor=2"], tmp_path, inductor_cache, timeout=1200))
