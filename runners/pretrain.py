@@ -58,8 +58,9 @@ def with_defaults(cfg: PretrainConfig) -> PretrainConfig:
 
 
 def main(argv: Sequence[str]) -> int:
-    cfg = with_defaults(config_lib.parse_argv(PretrainConfig, argv))
+    cfg = config_lib.parse_argv(PretrainConfig, argv)
     run = trainer.setup(cfg.train, cfg.mesh, cfg.logical_axis_rules, cfg.out_dir)
+    cfg = with_defaults(cfg)  # after setup: with several ranks, rank 0 builds the default corpus
     model, params = trainer.initial_params(cfg.checkpoint.load, cfg.model, cfg.train.seed)
     if model != cfg.model:
         cfg = dataclasses.replace(cfg, model=model)
