@@ -263,22 +263,29 @@ class Kernels:
     swiglu: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = swiglu
 
 
+def project(x: torch.Tensor, w) -> torch.Tensor:
+    """x @ w for a weight tensor; a weight that is not a tensor (a LoRA-adapted one, say)
+    applies itself through its `__rmatmul__`. Called explicitly, not via `@`'s fallback,
+    because torch.compile cannot trace Tensor.__matmul__ handing over to a Python object."""
+    return x @ w if isinstance(w, torch.Tensor) else w.__rmatmul__(x)
+
+
 def attention_block(p: Params, x: torch.Tensor, cos, sin, segment_ids, config: Config,
                     kernels: Kernels) -> torch.Tensor:
     b, s, _ = x.shape
     hd = config.head_dim
-    q = (x @ p["wq"]).view(b, s, config.n_heads, hd)
-    k = (x @ p["wk"]).view(b, s, config.kv_heads, hd)
-    v = (x @ p["wv"]).view(b, s, config.kv_heads, hd)
+    q = project(x, p["wq"]).view(b, s, config.n_heads, hd)
+    k = project(x, p["wk"]).view(b, s, config.kv_heads, hd)
+    v = project(x, p["wv"]).view(b, s, config.kv_heads, hd)
     q = constrain(kernels.rope(q, cos, sin), ("batch", "seq", "heads", None))
     k = constrain(kernels.rope(k, cos, sin), ("batch", "seq", "kv_heads", None))
     out = kernels.attention(q, k, v, segment_ids=segment_ids)
-    return out.reshape(b, s, config.n_heads * hd) @ p["wo"]
+    return project(out.reshape(b, s, config.n_heads * hd), p["wo"])
 
 
 def mlp_block(p: Params, x: torch.Tensor, kernels: Kernels) -> torch.Tensor:
-    hidden = kernels.swiglu(x @ p["w_gate"], x @ p["w_up"])
-    return constrain(hidden, ("batch", "seq", "mlp")) @ p["w_down"]
+    hidden = kernels.swiglu(project(x, p["w_gate"]), project(x, p["w_up"]))
+    return project(constrain(hidden, ("batch", "seq", "mlp")), p["w_down"])
 
 
 def transformer_layer(p: Params, x: torch.Tensor, cos, sin, segment_ids, config: Config,

@@ -8,8 +8,8 @@
 A targeted weight w [in, out] gains A [in, r] and B [r, out]; the layer computes
 x @ w + dropout(x) @ A @ B * (alpha / r), as PEFT does. Nothing is patched: `lora_forward` hands
 `models.llama.forward` a parameter tree whose targeted leaves are `LoraWeight`s, and the model's
-own `x @ p["wq"]` lands in `LoraWeight.__rmatmul__`. The low-rank path stays a separate pair of
-skinny matmuls, so w + A@B is never materialised and dropout acts on the activations.
+own `project(x, p["wq"])` lands in `LoraWeight.__rmatmul__`. The low-rank path stays a separate
+pair of skinny matmuls, so w + A@B is never materialised and dropout acts on the activations.
 """
 from __future__ import annotations
 
@@ -104,8 +104,9 @@ def adapter_axes(config: llama.Config, lora_cfg: LoraConfig) -> Adapters:
 class LoraWeight:
     """A weight that, right-multiplied by activations, adds the low-rank update.
 
-    `x @ LoraWeight(...)` works because torch's `Tensor.__matmul__` gives up on a non-tensor
-    operand and Python falls back to `__rmatmul__`: models/llama.py needs no LoRA hook.
+    `x @ LoraWeight(...)` works in plain Python (Tensor.__matmul__ gives up on a non-tensor and
+    Python falls back to `__rmatmul__`); the model's `project` calls `__rmatmul__` directly, which
+    torch.compile can trace. models/llama.py needs no LoRA hook.
     """
 
     def __init__(self, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
@@ -151,6 +152,8 @@ def trainable(params: Params, adapters: Adapters, lora_cfg: LoraConfig) -> tuple
     """Split into (trainable, frozen): adapters plus modules_to_save train, the rest is frozen.
 
     trainable = {"adapters": adapters, "modules": {"embed": ..., "lm_head": ...}}
+                ("modules" only when there are modules to save: torch.compile cannot flatten
+                an empty dict inside the step)
     frozen    = params without the modules to save.
     """
     missing = [m for m in lora_cfg.modules_to_save if m not in params]
@@ -158,12 +161,13 @@ def trainable(params: Params, adapters: Adapters, lora_cfg: LoraConfig) -> tuple
         raise ValueError(f"modules_to_save {missing} not in params (tied embeddings have no lm_head)")
     modules = {m: params[m] for m in lora_cfg.modules_to_save}
     frozen = {k: v for k, v in params.items() if k not in modules}
-    return {"adapters": adapters, "modules": modules}, frozen
+    train = {"adapters": adapters, "modules": modules} if modules else {"adapters": adapters}
+    return train, frozen
 
 
 def combine(train: Params, frozen: Params) -> tuple[Params, Adapters]:
     """Inverse of `trainable`: (params, adapters)."""
-    return {**frozen, **train["modules"]}, train["adapters"]
+    return {**frozen, **train.get("modules", {})}, train["adapters"]
 
 
 def merge(params: Params, adapters: Adapters, lora_cfg: LoraConfig) -> Params:

@@ -92,7 +92,7 @@ def main(argv: Sequence[str]) -> int:
             return
         if cfg.lora is not None:
             peft.save(Path(cfg.out_dir) / "adapter", cfg.lora, gathered["adapters"],
-                      gathered["modules"], base_model_name_or_path=str(cfg.checkpoint.load))
+                      gathered.get("modules"), base_model_name_or_path=str(cfg.checkpoint.load))
             print(f"LoRA adapter (PEFT layout): {cfg.out_dir}/adapter")
         else:
             hf.save(Path(cfg.out_dir) / "hf", model, gathered)
