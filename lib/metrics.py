@@ -16,12 +16,13 @@ printed as "unknown" and left out of the files: never a made-up number.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -70,6 +71,15 @@ class ThroughputMeter:
         self._tokens += tokens
         self._samples += samples
         self._steps += 1
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Work inside (validation, a checkpoint save) does not count as training time."""
+        began = self._now()
+        try:
+            yield
+        finally:
+            self._start += self._now() - began
 
     def read(self) -> dict[str, float | None]:
         """Rates since the previous read (or construction); starts a new interval."""

@@ -221,10 +221,11 @@ def train_loop(*, run: Run, cfg: Any, train: TrainConfig, model: llama.Config,
                        **meter.read(), **metrics.memory_metrics(device.memory_stats(run.dev))}
                 logger.log(step, row)
                 progress.set_postfix(loss=f"{loss:.4f}")
-            if eval_fn is not None and train.eval_every and step % train.eval_every == 0:
-                logger.log(step, {"val_loss": evaluate(eval_fn, state, sets["valid"], gb,
-                                                       index, count)})
-            save(step)
+            with meter.paused():
+                if eval_fn is not None and train.eval_every and step % train.eval_every == 0:
+                    logger.log(step, {"val_loss": evaluate(eval_fn, state, sets["valid"], gb,
+                                                           index, count)})
+                save(step)
             if stop.requested:
                 save(step, force=True)
                 if rank == 0:

@@ -113,3 +113,15 @@ def test_nan_loss_is_visible(tmp_path):
     with metrics.MetricsLogger(tmp_path, every=1, console=io.StringIO()) as logger:
         logger.log(1, {"loss": float("nan")})
     assert read_jsonl(tmp_path / "metrics.jsonl")[0]["loss"] == "nan"
+
+
+def test_paused_time_is_not_training_time():
+    now = [0.0]
+    meter = metrics.ThroughputMeter(flops_per_token=1.0, peak_flops=None, clock=lambda: now[0])
+    meter.update(tokens=100, samples=1)
+    now[0] = 1.0
+    with meter.paused():
+        now[0] = 11.0  # ten seconds of validation
+    now[0] = 12.0
+    meter.update(tokens=100, samples=1)
+    assert meter.read()["tokens_per_s"] == 100.0  # 200 tokens over 2 s of training
