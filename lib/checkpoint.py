@@ -4,7 +4,7 @@ A state is a pytree (dicts, lists, tuples) of torch tensors, some of them DTenso
 torch DeviceMesh. Each leaf is saved as a *global* jax.Array built from this rank's local shard,
 so every rank writes only its own slice and a restore under another mesh or world size reads only
 the slices it needs. Beside the arrays each checkpoint holds `extra`, a JSON dict (data position,
-RNG state, resolved config).
+resolved config).
 
 Layout: `<dir>/<step>/state` (orbax PyTree, OCDBT) and `<dir>/<step>/extra` (JSON). orbax writes a
 step into `<step>.orbax-checkpoint-tmp` and renames it when complete, so a killed save leaves
@@ -23,11 +23,9 @@ Limits: one jax CPU device per process; a leaf whose sharding jax cannot express
 """
 from __future__ import annotations
 
-import base64
 import dataclasses
 import os
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -445,23 +443,3 @@ class Checkpointer:
             self._manager.close()
             self._manager = None
         self._staging.clear()
-
-
-# ---------------------------------------------------------------------------------------------
-# RNG state as JSON, for `extra`
-
-
-def rng_state() -> dict:
-    """torch's CPU (and CUDA, if in use) generator states as JSON-able strings."""
-    enc: Callable[[torch.Tensor], str] = lambda t: base64.b64encode(t.numpy().tobytes()).decode()
-    out = {"torch_cpu": enc(torch.get_rng_state())}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        out["torch_cuda"] = [enc(s) for s in torch.cuda.get_rng_state_all()]
-    return out
-
-
-def set_rng_state(state: dict) -> None:
-    dec = lambda s: torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
-    torch.set_rng_state(dec(state["torch_cpu"]))
-    if "torch_cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([dec(s) for s in state["torch_cuda"]])

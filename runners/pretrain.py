@@ -61,7 +61,7 @@ def main(argv: Sequence[str]) -> int:
     cfg = config_lib.parse_argv(PretrainConfig, argv)
     run = trainer.setup(cfg.train, cfg.mesh, cfg.logical_axis_rules, cfg.out_dir)
     cfg = with_defaults(cfg)  # after setup: with several ranks, rank 0 builds the default corpus
-    model, params = trainer.initial_params(cfg.checkpoint.load, cfg.model, cfg.train.seed)
+    model, params = trainer.initial_params(run, cfg.checkpoint.load, cfg.model, cfg.train.seed)
     if model != cfg.model:
         cfg = dataclasses.replace(cfg, model=model)
     trainer.check_vocab(model, cfg.data)

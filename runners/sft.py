@@ -1,11 +1,12 @@
 """Instruction fine-tuning: `python -m runners.sft config.yaml [key=value ...]`.
 
-Starts from an HF directory or a native checkpoint (`checkpoint.load=`), trains on instruction
-data written by `runners.preprocess --handler alpaca|sharegpt|moss` (loss on response tokens
-only), in full or with LoRA (`lora.r=8 ...`). At the end it writes `<out_dir>/adapter` (PEFT
+Starts from an HF directory (`checkpoint.load=`; a native checkpoint converts with
+`runners.convert native-to-hf`), trains on instruction data written by `runners.preprocess
+--handler alpaca|sharegpt|moss` (loss on response tokens only), in full or with LoRA
+(`lora.r=8 ...`). At the end it writes `<out_dir>/adapter` (PEFT
 layout, LoRA) or `<out_dir>/hf` (a transformers directory, full fine-tuning).
 
-    python -m runners.sft configs/sft-tiny.yaml checkpoint.load=path/to/hf data.paths=[data/alpaca]
+    python -m runners.sft checkpoint.load=path/to/hf data.paths=[data/alpaca] lora.r=8
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import Any
 from lib import checkpoint as ckpt_lib
 from lib import cli
 from lib import config as config_lib
-from lib import optim
+from lib import optim, pytree
 from lib.data import DataConfig
 from lib.errors import UserError
 from models import hf, llama, lora, peft
@@ -29,7 +30,7 @@ from runners import trainer
 
 @dataclass(frozen=True)
 class SftConfig:
-    model: llama.Config = llama.PRESETS["tiny"]   # replaced by the loaded checkpoint's config
+    model: llama.Config = llama.PRESETS["tiny"]   # replaced by the loaded HF directory's config
     lora: lora.LoraConfig | None = None            # None: full fine-tuning
     train: trainer.TrainConfig = trainer.TrainConfig(steps=100, global_batch=8, eval_every=0)
     optim: optim.OptimizerConfig = optim.OptimizerConfig(lr=2e-5, min_lr=0.0, warmup_steps=3,
@@ -57,12 +58,18 @@ def lora_forward_fn(model: llama.Config, lora_cfg: lora.LoraConfig,
 def main(argv: Sequence[str]) -> int:
     cfg = config_lib.parse_argv(SftConfig, argv)
     if not cfg.checkpoint.load:
-        raise UserError("sft starts from a model: set checkpoint.load=<HF directory or native checkpoint>")
+        raise UserError("sft starts from a model: set checkpoint.load=<HF directory>")
+    if ckpt_lib.is_native_checkpoint(cfg.checkpoint.load):
+        # A pretraining checkpoint holds another run's step, optimizer and data position, and
+        # not the adapters LoRA restores into: start SFT from its weights in the HF layout.
+        raise UserError(f"checkpoint.load={cfg.checkpoint.load} is a native checkpoint; sft starts "
+                        "from an HF directory: python -m runners.convert native-to-hf --input "
+                        f"{cfg.checkpoint.load} --output <dir>, then checkpoint.load=<dir>")
     if not cfg.data.paths:
         raise UserError("sft needs instruction data: set data.paths=[<prefix from runners.preprocess>]")
     cfg = dataclasses.replace(cfg, checkpoint=trainer.resolve_out_dirs(cfg.out_dir, cfg.checkpoint))
     run = trainer.setup(cfg.train, cfg.mesh, cfg.logical_axis_rules, cfg.out_dir)
-    model, params = trainer.initial_params(cfg.checkpoint.load, cfg.model, cfg.train.seed)
+    model, params = trainer.initial_params(run, cfg.checkpoint.load, cfg.model, cfg.train.seed)
     cfg = dataclasses.replace(cfg, model=model)
     trainer.check_vocab(model, cfg.data)
     params = trainer.shard(run, params, llama.param_axes(model))
@@ -73,9 +80,13 @@ def main(argv: Sequence[str]) -> int:
             # Full recompute flattens the layer's arguments as a pytree, and LoRA's weights are
             # not pytree nodes: their gradients would be lost.
             raise UserError("train.step.remat=full does not support LoRA yet; use selective or none")
-        adapters = lora.init_adapters(model, cfg.lora, seed=cfg.train.seed)
+        adapters = lora.init_adapters(model, cfg.lora, seed=cfg.train.seed,
+                                      device=run.dev.torch_device)
         adapters = trainer.shard(run, adapters, lora.adapter_axes(model, cfg.lora))
         trainable, frozen = lora.trainable(params, adapters, cfg.lora)
+        # init_state casts what trains to the step dtype; the frozen base must match it.
+        dtype = train_step.DTYPES[cfg.train.step.dtype]
+        frozen = pytree.tree_map(lambda t: t.to(dtype), frozen)
         params = trainable
         forward = lora_forward_fn(model, cfg.lora, frozen)
     state = train_step.init_state(params, cfg.optim, cfg.train.step)

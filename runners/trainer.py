@@ -49,6 +49,9 @@ class TrainConfig:
         for name in ("steps", "global_batch", "log_every", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.eval_every and self.eval_batches < 1:
+            raise ValueError(f"eval_batches={self.eval_batches} must be >= 1 when eval_every="
+                             f"{self.eval_every} (eval_every=0 turns validation off)")
 
 
 @dataclass
@@ -72,23 +75,27 @@ def setup(train: TrainConfig, mesh_cfg: MeshConfig, rule_spec, out_dir: str) -> 
     # Fused attention kernels have no DTensor strategy; under a mesh the reference kernel runs
     # sharded, on one process the device's fastest kernel is used.
     wanted = train.attention
+    if mesh.device_mesh is not None and wanted not in ("auto", "reference"):
+        raise UserError(f"train.attention={wanted} cannot run on DTensor shards yet; use "
+                        "train.attention=reference (or auto) with a multi-device mesh")
     if wanted == "auto" and mesh.device_mesh is not None:
         wanted = "reference"
     backend = kernels.compile_backend(dev) if train.step.compile else None
     return Run(dev, dist, mesh, rules, out, kernels.kernels_for(dev, wanted), backend)
 
 
-def initial_params(load: str | None, model: llama.Config, seed: int) -> tuple[llama.Config, llama.Params]:
-    """The HF weights named by `checkpoint.load` (with their config), else a random init.
-
-    A native checkpoint in `load` is read later by the checkpointer, into this random init.
+def initial_params(run: Run, load: str | None, model: llama.Config,
+                   seed: int) -> tuple[llama.Config, llama.Params]:
+    """The HF weights named by `checkpoint.load` (with their config), else a random init, on
+    this run's device. A native checkpoint in `load` is read later by the checkpointer, into
+    this random init.
     """
     if load and not ckpt_lib.is_native_checkpoint(load):
         if not Path(load, "config.json").is_file():
             raise UserError(f"checkpoint.load={load!r} is neither a native checkpoint nor an HF "
                             "directory with config.json")
-        return hf.load(load, dtype=torch.float32)
-    return model, llama.init(model, seed)
+        return hf.load(load, dtype=torch.float32, device=run.dev.torch_device)
+    return model, llama.init(model, seed, device=run.dev.torch_device)
 
 
 def check_vocab(model: llama.Config, data: DataConfig) -> None:
@@ -110,16 +117,32 @@ def gather(tree: Any) -> Any:
     return pytree.tree_map(lambda t: t.full_tensor() if isinstance(t, DTensor) else t, tree)
 
 
+def to_device(batch: dict[str, torch.Tensor], dev: device.Device) -> dict[str, torch.Tensor]:
+    return {k: v.to(dev.torch_device, non_blocking=True) for k, v in batch.items()}
+
+
 def _scalar(x: torch.Tensor) -> float:
     return float(x.detach().float().cpu())
 
 
 class _StopRequest:
-    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the next step boundary and exits."""
+    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the next step boundary and exits.
 
-    def __init__(self):
+    Ranks may receive the signal in different steps, so `agreed()` takes the maximum over the
+    process group: every rank stops after the same step (a rank alone in the save's collectives
+    while the others enter the next step would deadlock)."""
+
+    def __init__(self, dev: device.Device):
         self.requested = False
         self._previous = {}
+        self._dev = dev
+
+    def agreed(self) -> bool:
+        if not torch.distributed.is_initialized():
+            return self.requested
+        flag = torch.tensor(int(self.requested), device=self._dev.torch_device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
 
     def __enter__(self):
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -151,7 +174,13 @@ def train_loop(*, run: Run, cfg: Any, train: TrainConfig, model: llama.Config,
     consumed = 0
     start_step = 0
     if ckpt.can_restore():
+        # The run's own checkpoints resume everything; `load` with finetune gives params only.
+        params_only = ckpt.latest_step() is None and ckpt_cfg.finetune
         state, extra = ckpt.restore(state)
+        if params_only and "master" in state["opt"]:
+            # The fp32 master weights are what the optimizer updates: they must be the loaded
+            # params, not the random init they were made from.
+            state["opt"]["master"] = pytree.tree_map(lambda p: p.detach().float(), state["params"])
         consumed = int(extra.get("consumed_samples", 0))
         start_step = int(state["step"])
         if rank == 0:
@@ -162,6 +191,8 @@ def train_loop(*, run: Run, cfg: Any, train: TrainConfig, model: llama.Config,
         if rank == 0:
             print(f"nothing to do: the checkpoint is at step {start_step} >= train.steps={train.steps}")
         ckpt.close()
+        if on_finish is not None:
+            on_finish(state)
         return state
 
     gb = train.global_batch
@@ -187,7 +218,7 @@ def train_loop(*, run: Run, cfg: Any, train: TrainConfig, model: llama.Config,
     bad_steps = 0
     step = start_step
     with metrics.MetricsLogger(run.out_dir, every=train.log_every, rank=rank,
-                               resume_step=start_step or None) as logger, _StopRequest() as stop:
+                               resume_step=start_step or None) as logger, _StopRequest(run.dev) as stop:
         progress = _progress(rank, start_step, train.steps)
         for step in range(start_step + 1, train.steps + 1):
             batch = next(train_batches, None)
@@ -196,14 +227,17 @@ def train_loop(*, run: Run, cfg: Any, train: TrainConfig, model: llama.Config,
             # Randomness (LoRA dropout) is a function of (seed, step), as jax.random.fold_in
             # makes it: a resumed run draws what an uninterrupted one would, no RNG state saved.
             torch.manual_seed(train.seed * 1_000_003 + step)
-            state, m = step_fn(state, batch)
+            state, m = step_fn(state, to_device(batch, run.dev))
             consumed += gb
             loss = _scalar(m["loss"])
             meter.update(tokens=gb * data_cfg.seq_len, samples=gb)
             # A non-finite step leaves the state untouched (the step skips it). Under fp16 that is
-            # loss scaling at work; in other dtypes it is divergence, tolerated a few times.
+            # loss scaling at work until the scale hits its floor; otherwise it is divergence,
+            # tolerated a few times in a row.
             diverged = not math.isfinite(loss) or bool(_scalar(m["skipped"]))
-            if diverged and train.step.dtype != "fp16":
+            scaling = (train.step.dtype == "fp16"
+                       and _scalar(m["loss_scale"]) > train.step.loss_scale.min_scale)
+            if diverged and not scaling:
                 bad_steps += 1
                 if bad_steps >= train.max_bad_steps:
                     raise UserError(
@@ -224,15 +258,15 @@ def train_loop(*, run: Run, cfg: Any, train: TrainConfig, model: llama.Config,
             with meter.paused():
                 if eval_fn is not None and train.eval_every and step % train.eval_every == 0:
                     logger.log(step, {"val_loss": evaluate(eval_fn, state, sets["valid"], gb,
-                                                           index, count)})
+                                                           index, count, run.dev)})
                 save(step)
-            if stop.requested:
+            if stop.agreed():
                 save(step, force=True)
                 if rank == 0:
                     print(f"stopped by signal at step {step}; checkpoint saved", flush=True)
                 break
         progress.close()
-        if not stop.requested:
+        if step == train.steps:
             save(step, force=True)
     ckpt.close()
     if on_finish is not None:
@@ -243,11 +277,16 @@ def train_loop(*, run: Run, cfg: Any, train: TrainConfig, model: llama.Config,
     return state
 
 
-def evaluate(eval_fn: Callable, state: dict, dataset, global_batch: int, index: int, count: int) -> float:
-    """Mean loss over the validation set's first batches (the same ones every time)."""
-    losses = [_scalar(eval_fn(state["params"], b))
-              for b in batches(dataset, global_batch, 0, index, count)]
-    return sum(losses) / len(losses) if losses else float("nan")
+def evaluate(eval_fn: Callable, state: dict, dataset, global_batch: int, index: int, count: int,
+             dev: device.Device) -> float:
+    """Mean token loss over the validation set's first batches (the same ones every time);
+    batches are weighted by their trained tokens, which differ on masked instruction data."""
+    total = tokens = 0.0
+    for b in batches(dataset, global_batch, 0, index, count):
+        n = float((b["labels"] != llama.IGNORE_INDEX).sum())
+        total += _scalar(eval_fn(state["params"], to_device(b, dev))) * n
+        tokens += n
+    return total / tokens if tokens else float("nan")
 
 
 def _progress(rank: int, start: int, total: int):

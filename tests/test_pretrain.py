@@ -153,3 +153,22 @@ def test_torchrun_fsdp_then_resume_under_tensor_parallel(data, tmp_path):
     assert all(math.isfinite(r["loss"]) for r in rows) and rows[-1]["loss"] < rows[0]["loss"]
     state, extra = final_state(out, 8)
     assert extra["consumed_samples"] == 32 and extra["config"]["mesh"]["tensor"] == 2
+
+
+def test_bf16_finetune_from_a_native_checkpoint_starts_from_its_weights(data, tmp_path):
+    base = tmp_path / "base"
+    pretrain.main(args(data, base, "train.steps=4", "optim.decay_steps=4", "train.eval_every=0"))
+    loaded, _ = final_state(base, 4)
+    out = tmp_path / "bf16"
+    pretrain.main(args(data, out, f"checkpoint.load={base / 'checkpoints'}", "checkpoint.finetune=true",
+                       "train.step.dtype=bf16", "train.steps=1", "optim.lr=0", "optim.min_lr=0",
+                       "train.eval_every=0"))
+    target = train_step.init_state(llama.init(llama.PRESETS["tiny"]), pretrain.PretrainConfig().optim,
+                                   train_step.TrainStepConfig(dtype="bf16"))
+    ckpt = ckpt_lib.Checkpointer(ckpt_lib.CheckpointConfig(dir=str(out / "checkpoints")))
+    state, _ = ckpt.restore(target, step=1)
+    ckpt.close()
+    # lr 0: the step changes nothing, so params are the loaded ones (bf16-rounded), not the init.
+    expected = loaded["params"]["layers"][0]["wq"].to(torch.bfloat16)
+    assert torch.equal(state["params"]["layers"][0]["wq"], expected)
+    assert torch.equal(state["opt"]["master"]["layers"][0]["wq"], expected.float())

@@ -80,3 +80,17 @@ def test_compiled_lora_step_matches_eager(setup, tmp_path):
     for e, c in zip(eager, compiled, strict=True):
         assert c["loss"] == pytest.approx(e["loss"], abs=1e-5)
         assert c["grad_norm"] == pytest.approx(e["grad_norm"], rel=1e-4)
+
+
+def test_native_checkpoint_is_refused_with_the_conversion_command(tmp_path):
+    native = tmp_path / "native" / "0"
+    (native / "state").mkdir(parents=True)
+    (native / "extra").mkdir()
+    with pytest.raises(UserError, match="runners.convert native-to-hf"):
+        sft.main([f"checkpoint.load={native}", "data.paths=[x]", f"out_dir={tmp_path / 'o'}"])
+
+
+def test_a_typo_in_an_optional_section_suggests_the_key():
+    from lib.config import ConfigError
+    with pytest.raises(ConfigError, match="did you mean 'r'"):
+        sft.main(["lora.rr=16"])
