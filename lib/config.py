@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -239,6 +240,15 @@ def read_yaml(path: str | Path) -> dict:
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
     return raw
+
+
+def read_json(path: str | Path) -> Any:
+    """A JSON file (config.json, params.json, adapter_config.json, ...); a bad one names itself."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON: {e}") from None
 
 
 def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:

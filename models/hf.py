@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from lib import config as config_lib
 from lib.errors import UserError
 from models import llama
 
@@ -233,19 +234,12 @@ def state_dict_from_params(config: llama.Config, params: llama.Params,
 # Loading
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON: {e}") from None
-
-
 def _weight_files(path: Path) -> list[Path]:
     """The weight files of an HF directory, from its index when sharded."""
     for index_name, single in ((SAFETENSORS_INDEX, SAFETENSORS), (PYTORCH_BIN_INDEX, PYTORCH_BIN)):
         index = path / index_name
         if index.is_file():
-            weight_map = _read_json(index).get("weight_map")
+            weight_map = config_lib.read_json(index).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise UserError(f"{index}: has no 'weight_map'")
             files = [path / name for name in dict.fromkeys(weight_map.values())]
@@ -284,7 +278,7 @@ def load(path: str | Path, dtype: torch.dtype | None = None,
     config_file = path / "config.json"
     if not config_file.is_file():
         raise UserError(f"{path}: not an HF model directory (no config.json)")
-    config = config_from_hf(_read_json(config_file), config_file)
+    config = config_from_hf(config_lib.read_json(config_file), config_file)
     files = _weight_files(path)
     named_tensors = (item for file in tqdm(files, desc=f"loading {path.name}", unit="shard",
                                            disable=len(files) == 1)

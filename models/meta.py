@@ -10,7 +10,6 @@ reordered here. The result goes through the HF name table, so the shape checks a
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from lib import config as config_lib
 from lib.errors import UserError
 from models import hf, llama
 
@@ -114,10 +114,7 @@ def load(path: str | Path, dtype: torch.dtype | None = None,
     params_file = path / "params.json"
     if not params_file.is_file():
         raise UserError(f"{path}: not a Meta LLaMA checkpoint (no params.json)")
-    try:
-        meta_params = json.loads(params_file.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{params_file}: not valid JSON: {e}") from None
+    meta_params = config_lib.read_json(params_file)
     files = sorted(path.glob("consolidated.*.pth"))
     if not files:
         raise UserError(f"{path}: no consolidated.*.pth shards")

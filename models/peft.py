@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from lib import config as config_lib
 from lib.errors import UserError
 from models import llama
 from models.lora import Adapters, LoraConfig, Params, merge
@@ -103,10 +104,7 @@ def read_config(path: str | Path) -> LoraConfig:
     file = Path(path) / CONFIG_FILE
     if not file.is_file():
         raise UserError(f"{file} does not exist (not a PEFT adapter directory)")
-    try:
-        raw = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{file} is not valid JSON: {e}") from None
+    raw = config_lib.read_json(file)
     if raw.get("peft_type") != "LORA":
         raise UserError(f"{file}: peft_type is {raw.get('peft_type')!r}, only 'LORA' is supported")
     for key in ("use_rslora", "use_dora", "fan_in_fan_out"):

@@ -55,12 +55,20 @@ def logical_axis_rules(spec: RuleSpec | Mapping[str, Any], mesh: Mesh | None = N
     return rules
 
 
-def load_rules(path: str | Path = RULES_FILE, mesh: Mesh | None = None) -> Rules:
-    """The `logical_axis_rules` list of a YAML file (by default configs/rules.yaml)."""
+def rule_spec(path: str | Path = RULES_FILE) -> tuple[tuple[str, Any], ...]:
+    """The `logical_axis_rules` list of a YAML file (by default configs/rules.yaml), as config
+    data: the default of every runner's `logical_axis_rules` field."""
     raw = config_lib.read_yaml(path)
     if "logical_axis_rules" not in raw:
         raise UserError(f"config file {str(path)!r} has no 'logical_axis_rules' key")
-    return logical_axis_rules(raw["logical_axis_rules"], mesh)
+    return tuple((item[0], tuple(item[1]) if isinstance(item[1], list) else item[1])
+                 if isinstance(item, list) and len(item) == 2 else item
+                 for item in raw["logical_axis_rules"])
+
+
+def load_rules(path: str | Path = RULES_FILE, mesh: Mesh | None = None) -> Rules:
+    """The rules of a YAML file, checked against `mesh`."""
+    return logical_axis_rules(rule_spec(path), mesh)
 
 
 def mesh_axes_for(axes: Sequence[str | None], rules: Rules, mesh: Mesh) -> list[tuple[str, ...]]:

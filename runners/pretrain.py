@@ -22,7 +22,7 @@ from lib import optim
 from lib.data import DataConfig
 from lib.data import corpus
 from models import llama
-from parallel import train_step
+from parallel import sharding, train_step
 from parallel.mesh import MeshConfig
 from runners import trainer
 
@@ -38,7 +38,7 @@ class PretrainConfig:
     optim: optim.OptimizerConfig = optim.OptimizerConfig(lr=2e-3, min_lr=2e-4, warmup_steps=30,
                                                          decay_steps=300, weight_decay=0.1)
     mesh: MeshConfig = field(default_factory=MeshConfig)
-    logical_axis_rules: tuple[tuple[str, Any], ...] = field(default_factory=trainer.default_rules)
+    logical_axis_rules: tuple[tuple[str, Any], ...] = field(default_factory=sharding.rule_spec)
     data: DataConfig = DataConfig(seq_len=128)   # no paths: the generated default corpus
     checkpoint: ckpt_lib.CheckpointConfig = ckpt_lib.CheckpointConfig(every=100, keep=2)
     out_dir: str = "runs/pretrain"

@@ -23,7 +23,7 @@ from lib import optim, pytree
 from lib.data import DataConfig
 from lib.errors import UserError
 from models import hf, llama, lora, peft
-from parallel import train_step
+from parallel import sharding, train_step
 from parallel.mesh import MeshConfig
 from runners import trainer
 
@@ -36,7 +36,7 @@ class SftConfig:
     optim: optim.OptimizerConfig = optim.OptimizerConfig(lr=2e-5, min_lr=0.0, warmup_steps=3,
                                                          decay_steps=100, weight_decay=0.0)
     mesh: MeshConfig = field(default_factory=MeshConfig)
-    logical_axis_rules: tuple[tuple[str, Any], ...] = field(default_factory=trainer.default_rules)
+    logical_axis_rules: tuple[tuple[str, Any], ...] = field(default_factory=sharding.rule_spec)
     data: DataConfig = DataConfig(seq_len=512)
     checkpoint: ckpt_lib.CheckpointConfig = ckpt_lib.CheckpointConfig(every=100, keep=2)
     out_dir: str = "runs/sft"

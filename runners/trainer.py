@@ -27,11 +27,6 @@ from parallel import kernels, sharding, train_step
 from parallel.mesh import Mesh, MeshConfig, build_mesh
 
 
-def default_rules() -> tuple[tuple[str, Any], ...]:
-    raw = config_lib.read_yaml(sharding.RULES_FILE)["logical_axis_rules"]
-    return tuple((name, tuple(t) if isinstance(t, list) else t) for name, t in raw)
-
-
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 300
