@@ -212,58 +212,63 @@ def train_loop(*, run: Run, cfg: Any, train: TrainConfig, model: llama.Config,
 
     bad_steps = 0
     step = start_step
-    with metrics.MetricsLogger(run.out_dir, every=train.log_every, rank=rank,
-                               resume_step=start_step or None) as logger, _StopRequest(run.dev) as stop:
-        progress = _progress(rank, start_step, train.steps)
-        for step in range(start_step + 1, train.steps + 1):
-            batch = next(train_batches, None)
-            if batch is None:
-                raise UserError(f"the training data ran out at step {step}")
-            # Randomness (LoRA dropout) is a function of (seed, step), as jax.random.fold_in
-            # makes it: a resumed run draws what an uninterrupted one would, no RNG state saved.
-            torch.manual_seed(train.seed * 1_000_003 + step)
-            state, m = step_fn(state, to_device(batch, run.dev))
-            consumed += gb
-            loss = _scalar(m["loss"])
-            meter.update(tokens=gb * data_cfg.seq_len, samples=gb)
-            # A non-finite step leaves the state untouched (the step skips it). Under fp16 that is
-            # loss scaling at work until the scale hits its floor; otherwise it is divergence,
-            # tolerated a few times in a row.
-            diverged = not math.isfinite(loss) or bool(_scalar(m["skipped"]))
-            scaling = (train.step.dtype == "fp16"
-                       and _scalar(m["loss_scale"]) > train.step.loss_scale.min_scale)
-            if diverged and not scaling:
-                bad_steps += 1
-                if bad_steps >= train.max_bad_steps:
-                    raise UserError(
-                        f"training diverged at step {step}: loss {loss}, grad norm "
-                        f"{_scalar(m['grad_norm'])} ({bad_steps} non-finite steps in a row, "
-                        f"train.max_bad_steps={train.max_bad_steps}; those updates were skipped, "
-                        f"the last checkpoint is step {ckpt.latest_step()}). Lower optim.lr, "
-                        "clip gradients (optim.grad_clip) or train in fp32/bf16")
-            else:
-                bad_steps = 0
-            progress.update(1)
-            if logger.should_log(step) or step == train.steps:
-                row = {"loss": loss, "lr": _scalar(m["lr"]), "grad_norm": _scalar(m["grad_norm"]),
-                       "loss_scale": _scalar(m["loss_scale"]), "skipped": int(_scalar(m["skipped"])),
-                       **meter.read(), **metrics.memory_metrics(device.memory_stats(run.dev))}
-                logger.log(step, row)
-                progress.set_postfix(loss=f"{loss:.4f}")
-            with meter.paused():
-                if eval_fn is not None and train.eval_every and step % train.eval_every == 0:
-                    logger.log(step, {"val_loss": evaluate(eval_fn, state, sets["valid"], gb,
-                                                           index, count, run.dev)})
-                save(step)
-            if stop.agreed():
+    # However the loop ends (done, signal, divergence, an error), a pending async save is
+    # committed before the process exits, so the last checkpoint is always complete.
+    try:
+        with metrics.MetricsLogger(run.out_dir, every=train.log_every, rank=rank,
+                                   resume_step=start_step or None) as logger, \
+                _StopRequest(run.dev) as stop:
+            progress = _progress(rank, start_step, train.steps)
+            for step in range(start_step + 1, train.steps + 1):
+                batch = next(train_batches, None)
+                if batch is None:
+                    raise UserError(f"the training data ran out at step {step}")
+                # Randomness (LoRA dropout) is a function of (seed, step), as jax.random.fold_in
+                # makes it: a resumed run draws what an uninterrupted one would, no RNG state saved.
+                torch.manual_seed(train.seed * 1_000_003 + step)
+                state, m = step_fn(state, to_device(batch, run.dev))
+                consumed += gb
+                loss = _scalar(m["loss"])
+                meter.update(tokens=gb * data_cfg.seq_len, samples=gb)
+                # A non-finite step leaves the state untouched (the step skips it). Under fp16 that is
+                # loss scaling at work until the scale hits its floor; otherwise it is divergence,
+                # tolerated a few times in a row.
+                diverged = not math.isfinite(loss) or bool(_scalar(m["skipped"]))
+                scaling = (train.step.dtype == "fp16"
+                           and _scalar(m["loss_scale"]) > train.step.loss_scale.min_scale)
+                if diverged and not scaling:
+                    bad_steps += 1
+                    if bad_steps >= train.max_bad_steps:
+                        raise UserError(
+                            f"training diverged at step {step}: loss {loss}, grad norm "
+                            f"{_scalar(m['grad_norm'])} ({bad_steps} non-finite steps in a row, "
+                            f"train.max_bad_steps={train.max_bad_steps}; those updates were skipped, "
+                            f"the last checkpoint is step {ckpt.latest_step()}). Lower optim.lr, "
+                            "clip gradients (optim.grad_clip) or train in fp32/bf16")
+                else:
+                    bad_steps = 0
+                progress.update(1)
+                if logger.should_log(step) or step == train.steps:
+                    row = {"loss": loss, "lr": _scalar(m["lr"]), "grad_norm": _scalar(m["grad_norm"]),
+                           "loss_scale": _scalar(m["loss_scale"]), "skipped": int(_scalar(m["skipped"])),
+                           **meter.read(), **metrics.memory_metrics(device.memory_stats(run.dev))}
+                    logger.log(step, row)
+                    progress.set_postfix(loss=f"{loss:.4f}")
+                with meter.paused():
+                    if eval_fn is not None and train.eval_every and step % train.eval_every == 0:
+                        logger.log(step, {"val_loss": evaluate(eval_fn, state, sets["valid"], gb,
+                                                               index, count, run.dev)})
+                    save(step)
+                if stop.agreed():
+                    save(step, force=True)
+                    if rank == 0:
+                        print(f"stopped by signal at step {step}; checkpoint saved", flush=True)
+                    break
+            progress.close()
+            if step == train.steps:
                 save(step, force=True)
-                if rank == 0:
-                    print(f"stopped by signal at step {step}; checkpoint saved", flush=True)
-                break
-        progress.close()
-        if step == train.steps:
-            save(step, force=True)
-    ckpt.close()
+    finally:
+        ckpt.close()
     if on_finish is not None:
         on_finish(state)
     if rank == 0:
