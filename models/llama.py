@@ -270,8 +270,8 @@ def project(x: torch.Tensor, w) -> torch.Tensor:
     return x @ w if isinstance(w, torch.Tensor) else w.__rmatmul__(x)
 
 
-def attention_block(p: Params, x: torch.Tensor, cos, sin, segment_ids, config: Config,
-                    kernels: Kernels) -> torch.Tensor:
+def qkv(p: Params, x: torch.Tensor, cos, sin, config: Config, kernels: Kernels):
+    """Query, key and value [b, s, heads or kv_heads, head_dim], rotated by RoPE."""
     b, s, _ = x.shape
     hd = config.head_dim
     q = project(x, p["wq"]).view(b, s, config.n_heads, hd)
@@ -279,8 +279,12 @@ def attention_block(p: Params, x: torch.Tensor, cos, sin, segment_ids, config: C
     v = project(x, p["wv"]).view(b, s, config.kv_heads, hd)
     q = constrain(kernels.rope(q, cos, sin), ("batch", "seq", "heads", None))
     k = constrain(kernels.rope(k, cos, sin), ("batch", "seq", "kv_heads", None))
-    out = kernels.attention(q, k, v, segment_ids=segment_ids)
-    return project(out.reshape(b, s, config.n_heads * hd), p["wo"])
+    return q, k, v
+
+
+def attention_out(p: Params, out: torch.Tensor) -> torch.Tensor:
+    b, s, heads, hd = out.shape
+    return project(out.reshape(b, s, heads * hd), p["wo"])
 
 
 def mlp_block(p: Params, x: torch.Tensor, kernels: Kernels) -> torch.Tensor:
@@ -290,18 +294,18 @@ def mlp_block(p: Params, x: torch.Tensor, kernels: Kernels) -> torch.Tensor:
 
 def transformer_layer(p: Params, x: torch.Tensor, cos, sin, segment_ids, config: Config,
                       kernels: Kernels) -> torch.Tensor:
-    h = x + attention_block(p, kernels.rms_norm(x, p["attn_norm"], config.norm_eps), cos, sin,
-                            segment_ids, config, kernels)
+    q, k, v = qkv(p, kernels.rms_norm(x, p["attn_norm"], config.norm_eps), cos, sin, config, kernels)
+    h = x + attention_out(p, kernels.attention(q, k, v, segment_ids=segment_ids))
     out = h + mlp_block(p, kernels.rms_norm(h, p["mlp_norm"], config.norm_eps), kernels)
     return constrain(out, ("batch", "seq", "embed"))
 
 
-def forward(params: Params, tokens: torch.Tensor, config: Config, *,
-            positions: torch.Tensor | None = None,
-            segment_ids: torch.Tensor | None = None,
-            kernels: Kernels = Kernels(),
-            remat: Callable[[Callable], Callable] | None = None) -> torch.Tensor:
-    """Logits [batch, seq, vocab] for token ids [batch, seq].
+def hidden_states(params: Params, tokens: torch.Tensor, config: Config, *,
+                  positions: torch.Tensor | None = None,
+                  segment_ids: torch.Tensor | None = None,
+                  kernels: Kernels = Kernels(),
+                  remat: Callable[[Callable], Callable] | None = None) -> torch.Tensor:
+    """Final (normalised) hidden states [batch, seq, dim] for token ids [batch, seq].
 
     positions:   [batch, seq] rotary positions (default 0..seq-1; packed data restarts them).
     segment_ids: [batch, seq] document ids; attention never crosses a segment boundary.
@@ -316,9 +320,113 @@ def forward(params: Params, tokens: torch.Tensor, config: Config, *,
     layer_fn = remat(transformer_layer) if remat is not None else transformer_layer
     for p in params["layers"]:
         x = layer_fn(p, x, cos, sin, segment_ids, config, kernels)
-    x = kernels.rms_norm(x, params["final_norm"], config.norm_eps)
+    return kernels.rms_norm(x, params["final_norm"], config.norm_eps)
+
+
+def logits(params: Params, hidden: torch.Tensor, config: Config) -> torch.Tensor:
+    """The lm_head: [..., dim] -> [..., vocab]. Kept apart from `hidden_states` so a caller
+    pays it only for the positions it needs (the last one when generating)."""
     head = params["embed"].T if config.tie_embeddings else params["lm_head"]
-    return constrain(x @ head, ("batch", "seq", "vocab"))
+    out = hidden @ head
+    return constrain(out, ("batch", "seq", "vocab")) if out.dim() == 3 else out
+
+
+def forward(params: Params, tokens: torch.Tensor, config: Config, *,
+            positions: torch.Tensor | None = None,
+            segment_ids: torch.Tensor | None = None,
+            kernels: Kernels = Kernels(),
+            remat: Callable[[Callable], Callable] | None = None) -> torch.Tensor:
+    """Logits [batch, seq, vocab] for token ids [batch, seq]; arguments as `hidden_states`."""
+    hidden = hidden_states(params, tokens, config, positions=positions, segment_ids=segment_ids,
+                           kernels=kernels, remat=remat)
+    return logits(params, hidden, config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference against a KV cache
+#
+# The cache is a pytree like the parameters, with logical axes (`cache_axes`) so the same rule
+# table shards it (kv heads over `tensor`, batch over the data axes):
+#
+#     {"layers": [{"k": [b, max_len, kv_heads, hd], "v": ...}, ...],
+#      "start": [b]   first slot holding a real token of each row (prompts are left-padded),
+#      "index": []    the next slot to write, shared by all rows}
+#
+# Slot j of row r holds the token at rotary position j - start[r]. A query at slot i attends to
+# slots start[r]..i: padding is never seen and every row gets what it would get alone.
+
+
+def cache_shapes(config: Config, batch: int, max_len: int) -> dict[str, Any]:
+    kv = (batch, max_len, config.kv_heads, config.head_dim)
+    return {"layers": [{"k": kv, "v": kv} for _ in range(config.n_layers)],
+            "start": (batch,), "index": ()}
+
+
+def cache_axes(config: Config) -> dict[str, Any]:
+    kv = ("batch", "seq", "kv_heads", None)
+    return {"layers": [{"k": kv, "v": kv} for _ in range(config.n_layers)],
+            "start": ("batch",), "index": ()}
+
+
+def init_cache(config: Config, batch: int, max_len: int, *, start: torch.Tensor | None = None,
+               dtype: torch.dtype = torch.float32,
+               device: torch.device | str = "cpu") -> dict[str, Any]:
+    """An empty cache for `batch` rows of up to `max_len` tokens (prompt + generated).
+
+    `start`: [batch] left-padding of each row (default 0). `device="meta"` gives shapes only.
+    """
+    if max_len > config.max_seq_len:
+        raise ValueError(f"cache length {max_len} exceeds the model's max_seq_len {config.max_seq_len}")
+    shapes = cache_shapes(config, batch, max_len)
+    kv = lambda shape: torch.zeros(shape, dtype=dtype, device=device)
+    first = torch.zeros(batch, dtype=torch.int64, device=device) if start is None else \
+        start.to(device=device, dtype=torch.int64)
+    return {"layers": [{"k": kv(l["k"]), "v": kv(l["v"])} for l in shapes["layers"]],
+            "start": first, "index": torch.zeros((), dtype=torch.int64, device=device)}
+
+
+def reorder_cache(cache: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:
+    """Row i of the result is row `rows[i]` of `cache` (beam search), written in place."""
+    for layer in cache["layers"]:
+        for t in layer.values():
+            t.copy_(t.index_select(0, rows))
+    cache["start"].copy_(cache["start"].index_select(0, rows))
+    return cache
+
+
+def cached_transformer_layer(p: Params, kv: dict[str, torch.Tensor], x: torch.Tensor, cos, sin,
+                             slots: torch.Tensor, mask: torch.Tensor, config: Config,
+                             kernels: Kernels) -> torch.Tensor:
+    q, k, v = qkv(p, kernels.rms_norm(x, p["attn_norm"], config.norm_eps), cos, sin, config, kernels)
+    # Written in place: the caller donates the cache, as jax.jit(donate_argnums=...) would.
+    keys = kv["k"].index_copy_(1, slots, k.to(kv["k"].dtype))
+    values = kv["v"].index_copy_(1, slots, v.to(kv["v"].dtype))
+    h = x + attention_out(p, kernels.attention(q, keys.to(q.dtype), values.to(q.dtype), mask=mask))
+    out = h + mlp_block(p, kernels.rms_norm(h, p["mlp_norm"], config.norm_eps), kernels)
+    return constrain(out, ("batch", "seq", "embed"))
+
+
+def hidden_states_with_cache(params: Params, tokens: torch.Tensor, cache: dict[str, Any],
+                             config: Config, *, kernels: Kernels = Kernels(),
+                             ) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Hidden states [batch, q, dim] of `tokens` [batch, q] written at the cache's next q slots,
+    and the cache (updated in place: the argument is consumed). Prefill, a decode step, a chunk
+    of a long prompt and a speculative block are all this one call.
+    """
+    q_len = tokens.shape[1]
+    max_len = cache["layers"][0]["k"].shape[1]
+    start = cache["start"]
+    slots = cache["index"] + torch.arange(q_len, device=tokens.device)           # [q]
+    keys = torch.arange(max_len, device=tokens.device)                            # [max_len]
+    visible = (keys <= slots[:, None]) & (keys >= start[:, None, None])           # [b, q, max_len]
+    visible = visible | (keys == slots[:, None])  # a padding query sees itself: no empty softmax
+    positions = (slots - start[:, None]).clamp(min=0)                             # [b, q]
+    x = constrain(params["embed"][tokens], ("batch", "seq", "embed"))
+    cos, sin = rope_cos_sin(config, positions, x.dtype)
+    for p, kv in zip(params["layers"], cache["layers"], strict=True):
+        x = cached_transformer_layer(p, kv, x, cos, sin, slots, visible[:, None], config, kernels)
+    cache["index"].add_(q_len)
+    return kernels.rms_norm(x, params["final_norm"], config.norm_eps), cache
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor,

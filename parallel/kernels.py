@@ -41,15 +41,19 @@ def _compressed_causal_mask(device: torch.device) -> torch.Tensor:
 
 
 def npu_fusion_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         segment_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Causal (optionally segment-masked) attention through torch_npu.npu_fusion_attention.
+                         segment_ids: torch.Tensor | None = None,
+                         mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal (optionally segment-masked) attention through torch_npu.npu_fusion_attention, or
+    attention under an explicit `mask` (decoding against a KV cache: q shorter than k).
 
-    q [b, s, heads, d], k/v [b, s, kv_heads, d] are already BSND; GQA is native (heads % kv == 0).
-    Its mask convention is the opposite of ours: True means "do not attend".
+    q [b, sq, heads, d], k/v [b, skv, kv_heads, d] are already BSND; GQA is native (heads % kv
+    == 0). Its mask convention is the opposite of ours: True means "do not attend".
     """
     torch_npu = import_torch_npu()
     heads, head_dim = q.shape[2], q.shape[3]
-    if segment_ids is None:
+    if mask is not None:
+        mask, sparse_mode = ~mask, _DEFAULT_MASK
+    elif segment_ids is None:
         mask, sparse_mode = _compressed_causal_mask(q.device), _LEFT_UP_CAUSAL
     else:
         # Packed documents: a full [b, 1, s, s] mask. (The TND layout with actual_seq_qlen would

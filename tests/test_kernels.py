@@ -190,3 +190,27 @@ def test_compile_backend(monkeypatch, fake_npu):
     torchair.get_npu_backend = lambda *, compiler_config: ("npu_backend", compiler_config)
     monkeypatch.setitem(sys.modules, "torchair", torchair)
     assert kernels.compile_backend(NPU) == ("npu_backend", "config")
+
+
+def _decode_mask(batch=2, q_len=3, kv_len=12):
+    """Queries at the last q_len of kv_len slots; row 1 has two padding slots at the front."""
+    slots = torch.arange(kv_len - q_len, kv_len)
+    keys = torch.arange(kv_len)
+    start = torch.tensor([0, 2])[:batch]
+    return ((keys <= slots[:, None]) & (keys >= start[:, None, None]))[:, None]
+
+
+def test_sdpa_matches_reference_with_a_decode_mask():
+    q, k, v = qkv()
+    q, mask = q[:, -3:], _decode_mask()
+    torch.testing.assert_close(attention_lib.sdpa(q, k, v, mask=mask),
+                               attention_lib.reference(q, k, v, mask=mask))
+
+
+def test_npu_fusion_attention_decode_mask_convention(fake_npu):
+    q, k, v = qkv()
+    q, mask = q[:, -3:], _decode_mask()
+    out = kernels.npu_fusion_attention(q, k, v, mask=mask)
+    torch.testing.assert_close(out, attention_lib.reference(q, k, v, mask=mask))
+    kw = fake_npu.calls[0][1]
+    assert kw["sparse_mode"] == 0 and torch.equal(kw["atten_mask"], ~mask)
