@@ -49,6 +49,11 @@ class CheckpointConfig:
     load: str | None = None  # native checkpoint (root or step dir) to start from when `dir` has none
     finetune: bool = False  # with `load`: take params only, fresh step and optimizer
 
+    def __post_init__(self):
+        for name in ("every", "keep"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+
 
 # ---------------------------------------------------------------------------------------------
 # pytree <-> flat {"params.layers.0.wq": tensor}

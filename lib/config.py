@@ -7,13 +7,17 @@ Every runner uses the same three steps::
 A dataclass-typed field may be given as a preset name (a string) when its class is registered
 with `register_presets`; `model=llama2-7b model.n_layers=2` starts from the preset and edits it.
 Mistakes raise `ConfigError` naming the key, what was expected and what was given, with the
-nearest valid key suggested for typos.
+nearest valid key suggested for typos. Ranges are each dataclass's own business: its
+`__post_init__` raises ValueError with a message that starts with `field=value` (see
+`check_finite`), and `from_dict` turns that into a ConfigError starting with the dotted key
+(`optim.lr=nan must be a finite number`).
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -40,6 +44,21 @@ def register_presets(cls: type, presets: Mapping[str, Any]) -> None:
 def _suggest(word: str, choices: Sequence[str]) -> str:
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
     return f"; did you mean {close[0]!r}?" if close else f"; valid: {', '.join(sorted(choices))}"
+
+
+def check_finite(obj: Any) -> None:
+    """ValueError naming the first float field of dataclass `obj` (or float in a tuple field)
+    that is NaN or infinite.
+
+    Call it first in the `__post_init__` of every config with float fields: YAML reads `.nan`
+    and `.inf` as floats and `float("nan")` accepts the strings, and a NaN compares false with
+    every bound, so range checks alone would let it through to train on NaN.
+    """
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        items = value if isinstance(value, (tuple, list)) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in items):
+            raise ValueError(f"{f.name}={value!r} must be a finite number")
 
 
 def preset(cls: type[T], name: str, key: str = "") -> T:
@@ -183,7 +202,15 @@ def _build_dataclass(cls: type, value: Any, key: str) -> Any:
     except (TypeError, ValueError) as e:
         if isinstance(e, ConfigError):
             raise
-        raise ConfigError(f"{key or cls.__name__}: {e}") from None
+        raise ConfigError(_name_the_key(str(e), key, cls, fields)) from None
+
+
+def _name_the_key(message: str, key: str, cls: type, fields: Mapping[str, Any]) -> str:
+    """`lr=nan must be ...` raised by `optim`'s __post_init__ -> `optim.lr=nan must be ...`."""
+    field = message.split("=", 1)[0]
+    if "=" in message and field in fields:
+        return f"{key}.{message}" if key else message
+    return f"{key or cls.__name__}: {message}"
 
 
 def _default(f: dataclasses.Field) -> Any:

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch
 from torch.distributed.tensor import DTensor, Partial, Replicate
 
-from lib import pytree
+from lib import config, pytree
 
 PyTree = Any
 
@@ -42,6 +42,7 @@ class OptimizerConfig:
     grad_clip: float = 1.0           # max global gradient norm; 0 turns clipping off
 
     def __post_init__(self):
+        config.check_finite(self)
         if self.lr < 0 or self.min_lr < 0:
             raise ValueError(f"lr={self.lr} and min_lr={self.min_lr} must be >= 0")
         if self.min_lr > self.lr:
@@ -51,8 +52,19 @@ class OptimizerConfig:
         if self.schedule != "constant" and self.decay_steps <= self.warmup_steps:
             raise ValueError(f"decay_steps={self.decay_steps} must exceed warmup_steps="
                              f"{self.warmup_steps} for the {self.schedule!r} schedule")
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise ValueError(f"beta1={self.beta1}, beta2={self.beta2} must lie in [0, 1)")
+        if not 0 <= self.beta1 < 1:
+            raise ValueError(f"beta1={self.beta1} must lie in [0, 1)")
+        if not 0 <= self.beta2 < 1:
+            raise ValueError(f"beta2={self.beta2} must lie in [0, 1)")
+        if self.eps <= 0:
+            # eps=0 divides 0 by 0 for any weight whose gradients have all been zero.
+            raise ValueError(f"eps={self.eps} must be > 0")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay={self.weight_decay} must be >= 0")
+        if self.lr * self.weight_decay >= 1:
+            # Decoupled decay multiplies weights by (1 - lr * weight_decay) every step.
+            raise ValueError(f"weight_decay={self.weight_decay} times lr={self.lr} is >= 1: every "
+                             "step would zero or flip the sign of the weights")
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip={self.grad_clip} must be >= 0 (0 = off)")
 
@@ -191,6 +203,19 @@ class LossScaleConfig:
     growth_factor: float = 2.0
     backoff_factor: float = 0.5
     min_scale: float = 1.0
+
+    def __post_init__(self):
+        config.check_finite(self)
+        if self.initial <= 0:
+            raise ValueError(f"initial={self.initial} must be > 0")
+        if not 0 < self.min_scale <= self.initial:
+            raise ValueError(f"min_scale={self.min_scale} must be > 0 and at most initial={self.initial}")
+        if self.growth_interval < 1:
+            raise ValueError(f"growth_interval={self.growth_interval} must be >= 1")
+        if self.growth_factor < 1:
+            raise ValueError(f"growth_factor={self.growth_factor} must be >= 1")
+        if not 0 < self.backoff_factor < 1:
+            raise ValueError(f"backoff_factor={self.backoff_factor} must lie in (0, 1)")
 
 
 def loss_scale_init(cfg: LossScaleConfig) -> dict[str, torch.Tensor]:

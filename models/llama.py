@@ -34,6 +34,17 @@ class RopeScaling:
     high_freq_factor: float = 4.0
     original_max_position: int = 8192
 
+    def __post_init__(self):
+        config_lib.check_finite(self)
+        if self.factor < 1:
+            raise ValueError(f"factor={self.factor} must be >= 1 (it stretches the context)")
+        if not 0 < self.low_freq_factor < self.high_freq_factor:
+            # The smoothing between the two wavelengths divides by their difference.
+            raise ValueError(f"low_freq_factor={self.low_freq_factor} must be > 0 and below "
+                             f"high_freq_factor={self.high_freq_factor}")
+        if self.original_max_position < 1:
+            raise ValueError(f"original_max_position={self.original_max_position} must be >= 1")
+
 
 @dataclass(frozen=True)
 class Config:
@@ -50,6 +61,16 @@ class Config:
     tie_embeddings: bool = False
 
     def __post_init__(self):
+        config_lib.check_finite(self)
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.n_kv_heads is not None and self.n_kv_heads < 1:
+            raise ValueError(f"n_kv_heads={self.n_kv_heads} must be >= 1 (or null: as many as n_heads)")
+        if self.norm_eps <= 0:
+            raise ValueError(f"norm_eps={self.norm_eps} must be > 0")
+        if self.rope_theta <= 0:
+            raise ValueError(f"rope_theta={self.rope_theta} must be > 0")
         if self.dim % self.n_heads:
             raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
         if self.n_heads % self.kv_heads:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lib import config as config_lib
 from models import llama
 
 Params = dict[str, Any]
@@ -42,8 +43,11 @@ class LoraConfig:
     modules_to_save: tuple[str, ...] = ()  # subset of ("embed", "lm_head"): trained in full
 
     def __post_init__(self):
+        config_lib.check_finite(self)
         if self.r <= 0:
             raise ValueError(f"r={self.r} must be positive")
+        if self.alpha <= 0:
+            raise ValueError(f"alpha={self.alpha} must be positive (the adapters' scale is alpha / r)")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
         if not self.target_modules:

@@ -44,6 +44,10 @@ class TrainConfig:
         for name in ("steps", "global_batch", "log_every", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every={self.eval_every} must be >= 0 (0 = no validation)")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed={self.seed} must lie in [0, 2**32)")
         if self.eval_every and self.eval_batches < 1:
             raise ValueError(f"eval_batches={self.eval_batches} must be >= 1 when eval_every="
                              f"{self.eval_every} (eval_every=0 turns validation off)")

@@ -9,11 +9,13 @@ A path is a Megatron prefix: `<p>.bin/.idx` for pretraining text, or the prefix 
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
 from lib.data.blend import BlendedDataset, normalize_weights, samples_per_dataset
-from lib.data.gpt_dataset import GPTDataset, SPLITS, split_ranges
+from lib import config as config_lib
+from lib.data.gpt_dataset import GPTDataset, SPLITS, parse_split, split_ranges
 from lib.data.indexed import IndexedDataset, exists
 from lib.data.loader import batches
 from lib.data.sft_dataset import IDS_SUFFIX, SFTDataset, open_sft_pair
@@ -31,6 +33,19 @@ class DataConfig:
     seed: int = 1234
     tokenizer: str | None = None  # only used for the pad id of instruction data
     cache_dir: str | None = None  # index cache; default `<data folder>/cache`
+
+    def __post_init__(self):
+        config_lib.check_finite(self)
+        if self.seq_len < 1:
+            raise ValueError(f"seq_len={self.seq_len} must be >= 1")
+        if not 0 <= self.seed < 2**32:  # numpy's RandomState takes 32-bit seeds, as Megatron's does
+            raise ValueError(f"seed={self.seed} must lie in [0, 2**32)")
+        try:
+            shares = parse_split(self.split)
+        except UserError as e:
+            raise ValueError(str(e)) from None
+        if not all(math.isfinite(w) for w in shares):
+            raise ValueError(f"split={self.split!r} must hold finite numbers")
 
 
 def _kind(path: str) -> str:
@@ -56,8 +71,6 @@ def build_datasets(cfg: DataConfig, num_samples: dict[str, int], max_seq_len: in
     """
     if not cfg.paths:
         raise UserError("data.paths is empty: give at least one dataset prefix")
-    if cfg.seq_len < 1:
-        raise UserError(f"data.seq_len {cfg.seq_len}: must be positive")
     if max_seq_len is not None and cfg.seq_len > max_seq_len:
         raise UserError(f"data.seq_len {cfg.seq_len} is longer than the model's maximum sequence length {max_seq_len}")
     unknown = set(num_samples) - set(SPLITS)
