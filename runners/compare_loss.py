@@ -3,13 +3,18 @@
     python -m runners.compare_loss ours.jsonl reference.jsonl --plot parity.png [--key loss]
 
 Each file holds one JSON object per line with "step" and the compared key. The curves are
-aligned on the steps both files share; relative error is |a - b| / |b| (b is the reference).
-Prints the mean and max relative and absolute errors; the plot shows both curves above and
-both errors below.
+compared step by step; relative error is |a - b| / |b| (b is the reference). Prints the mean and
+max relative and absolute errors; the plot shows both curves above and both errors below.
+
+The comparison fails (exit 1) when a value is NaN or infinite, when a step is logged in one file
+only (unless `--common-steps`: then only the shared steps are compared, e.g. for runs logged at
+different intervals), or when the max relative error exceeds `--max-rel-error`. Files that
+cannot be read are errors (exit 2).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 from collections.abc import Sequence
@@ -19,6 +24,8 @@ from pathlib import Path
 from lib import cli
 from lib.errors import UserError
 
+SHOWN = 5  # steps listed in a report line before "..."
+
 
 def read_metric(path: str | Path, key: str) -> dict[int, float]:
     """{step: value} for every line of a JSONL file that has `key` (lines without it are skipped,
@@ -27,8 +34,12 @@ def read_metric(path: str | Path, key: str) -> dict[int, float]:
     if not path.is_file():
         raise UserError(f"{path} does not exist")
     values: dict[int, float] = {}
-    with path.open() as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"{path}:{lineno}: not UTF-8 text (a binary file, not a metrics JSONL?)") from None
             if not line.strip():
                 continue
             try:
@@ -43,7 +54,7 @@ def read_metric(path: str | Path, key: str) -> dict[int, float]:
                 raise UserError(f"{path}:{lineno}: record has {key!r} but no 'step'")
             try:
                 values[int(record["step"])] = float(record[key])
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 raise UserError(f"{path}:{lineno}: step {record['step']!r} / {key} {record[key]!r} "
                                 "are not numbers") from None
     if not values:
@@ -53,27 +64,42 @@ def read_metric(path: str | Path, key: str) -> dict[int, float]:
 
 @dataclass(frozen=True)
 class Comparison:
+    """Two curves on their shared steps, and what does not line up between them.
+
+    The error statistics cover the shared steps where both values are finite; `nonfinite` lists
+    the others, so one NaN can neither hide (max() skips NaN depending on its position) nor
+    turn every statistic into NaN.
+    """
     steps: list[int]
     a: list[float]
     b: list[float]
     abs_err: list[float]
     rel_err: list[float]
+    only_a: list[int]      # steps logged in the first file only
+    only_b: list[int]      # steps logged in the reference only
+    nonfinite: list[int]   # shared steps where either value is NaN or infinite
+
+    def _finite(self, errors: list[float]) -> list[float]:
+        bad = set(self.nonfinite)
+        return [e for s, e in zip(self.steps, errors) if s not in bad] or [math.nan]
 
     @property
     def mean_abs(self) -> float:
-        return sum(self.abs_err) / len(self.abs_err)
+        errors = self._finite(self.abs_err)
+        return sum(errors) / len(errors)
 
     @property
     def max_abs(self) -> float:
-        return max(self.abs_err)
+        return max(self._finite(self.abs_err))
 
     @property
     def mean_rel(self) -> float:
-        return sum(self.rel_err) / len(self.rel_err)
+        errors = self._finite(self.rel_err)
+        return sum(errors) / len(errors)
 
     @property
     def max_rel(self) -> float:
-        return max(self.rel_err)
+        return max(self._finite(self.rel_err))
 
 
 def compare(a: dict[int, float], b: dict[int, float]) -> Comparison:
@@ -85,7 +111,33 @@ def compare(a: dict[int, float], b: dict[int, float]) -> Comparison:
     av, bv = [a[s] for s in steps], [b[s] for s in steps]
     abs_err = [abs(x - y) for x, y in zip(av, bv)]
     rel_err = [e / abs(y) if y != 0 else (0.0 if e == 0 else math.inf) for e, y in zip(abs_err, bv)]
-    return Comparison(steps, av, bv, abs_err, rel_err)
+    nonfinite = [s for s, x, y in zip(steps, av, bv) if not (math.isfinite(x) and math.isfinite(y))]
+    return Comparison(steps, av, bv, abs_err, rel_err, only_a=sorted(set(a) - set(b)),
+                      only_b=sorted(set(b) - set(a)), nonfinite=nonfinite)
+
+
+def _steps_text(steps: list[int]) -> str:
+    shown = ", ".join(map(str, steps[:SHOWN]))
+    return f"{len(steps)} step{'s' * (len(steps) != 1)} ({shown}{', ...' if len(steps) > SHOWN else ''})"
+
+
+def failures(cmp: Comparison, names: tuple[str, str], common_steps: bool = False,
+             max_rel_error: float | None = None) -> list[str]:
+    """Why the comparison fails, one line per reason; empty when it passes."""
+    out = []
+    if cmp.nonfinite:
+        values = {s: (x, y) for s, x, y in zip(cmp.steps, cmp.a, cmp.b)}
+        first = cmp.nonfinite[0]
+        out.append(f"non-finite values at {_steps_text(cmp.nonfinite)}; first: step {first} "
+                   f"{values[first][0]} ({names[0]}) vs {values[first][1]} ({names[1]})")
+    if not common_steps:
+        for only, name in ((cmp.only_a, names[0]), (cmp.only_b, names[1])):
+            if only:
+                out.append(f"{_steps_text(only)} only in {name} (the curves do not line up; "
+                           "--common-steps compares the shared steps only)")
+    if max_rel_error is not None and not cmp.max_rel <= max_rel_error:
+        out.append(f"max relative error {cmp.max_rel:.6e} exceeds --max-rel-error {max_rel_error:g}")
+    return out
 
 
 def plot(cmp: Comparison, labels: tuple[str, str], key: str, path: str | Path) -> None:
@@ -114,9 +166,14 @@ def plot(cmp: Comparison, labels: tuple[str, str], key: str, path: str | Path) -
     try:
         fig.savefig(tmp)
         tmp.replace(path)
+    except OSError as e:
+        raise UserError(f"--plot {path}: cannot write the plot ({e.strerror or e})") from None
+    except ValueError as e:  # matplotlib: an extension it has no writer for
+        raise UserError(f"--plot {path}: {e}") from None
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # absent after the rename, or its folder is not one
+            tmp.unlink()
 
 
 def main(argv: Sequence[str]) -> int:
@@ -125,20 +182,29 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("b", help="metrics JSONL (the reference)")
     parser.add_argument("--key", default="loss", help="metric to compare (default: loss)")
     parser.add_argument("--plot", metavar="PNG", help="write the curves and errors to this image")
+    parser.add_argument("--common-steps", action="store_true",
+                        help="compare the steps both files log; others do not fail the comparison")
+    parser.add_argument("--max-rel-error", type=float, metavar="X",
+                        help="fail when the max relative error exceeds X")
     args = parser.parse_args(argv)
+    if args.max_rel_error is not None and not args.max_rel_error >= 0:
+        raise UserError(f"--max-rel-error {args.max_rel_error}: must be a number >= 0")
+    names = (Path(args.a).name, Path(args.b).name)
 
     cmp = compare(read_metric(args.a, args.key), read_metric(args.b, args.key))
-    print(f"steps compared: {len(cmp.steps)} ({cmp.steps[0]}..{cmp.steps[-1]})")
+    finite = len(cmp.steps) - len(cmp.nonfinite)
+    print(f"steps compared: {finite} ({cmp.steps[0]}..{cmp.steps[-1]})")
     print(f"mean relative error: {cmp.mean_rel:.6e}")
     print(f"max relative error:  {cmp.max_rel:.6e}")
     print(f"mean absolute error: {cmp.mean_abs:.6e}")
     print(f"max absolute error:  {cmp.max_abs:.6e}")
     if args.plot:
-        if not Path(args.plot).parent.is_dir():
-            raise UserError(f"--plot {args.plot}: directory {Path(args.plot).parent} does not exist")
-        plot(cmp, (Path(args.a).name, Path(args.b).name), args.key, args.plot)
+        plot(cmp, names, args.key, args.plot)
         print(f"plot written to {args.plot}")
-    return 0
+    reasons = failures(cmp, names, args.common_steps, args.max_rel_error)
+    for reason in reasons:
+        print(f"FAILED: {reason}")
+    return 1 if reasons else 0
 
 
 if __name__ == "__main__":
