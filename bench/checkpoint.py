@@ -26,7 +26,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from lib.checkpoint import CheckpointConfig, Checkpointer, flatten, unflatten_like  # noqa: E402
+from lib.checkpoint import CheckpointConfig, Checkpointer  # noqa: E402
+from lib.pytree import flatten_by_path as flatten, unflatten_like  # noqa: E402
 from models import llama  # noqa: E402
 
 

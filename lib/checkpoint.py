@@ -32,12 +32,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from lib import pytree
 from lib.errors import UserError
 
 # jax and orbax are imported lazily: importing them costs seconds and starts threads (no fork after).
 
 STATE_ITEM, EXTRA_ITEM = "state", "extra"
-KEY_SEP = "."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,43 +56,19 @@ class CheckpointConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# pytree <-> flat {"params.layers.0.wq": tensor}
-
-
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """Leaves of a dict/list/tuple tree keyed by their dotted path, in insertion order."""
-    if isinstance(tree, dict):
-        items = [(str(k), v) for k, v in tree.items()]
-    elif isinstance(tree, (list, tuple)):
-        items = [(str(i), v) for i, v in enumerate(tree)]
-    else:
-        return {prefix: tree}
-    out: dict[str, Any] = {}
-    for k, v in items:
-        if KEY_SEP in k:
-            raise ValueError(f"state key {k!r} contains {KEY_SEP!r}")
-        out.update(flatten(v, f"{prefix}{KEY_SEP}{k}" if prefix else k))
-    return out
+# pytree <-> flat {"params.layers.0.wq": tensor}: the saved names are lib.pytree's dotted paths
 
 
 def _tensor_leaves(tree: Any) -> dict[str, torch.Tensor]:
-    flat = flatten(tree)
+    """{"params.layers.0.wq": tensor}: these dotted paths are the names saved on disk."""
+    flat = pytree.flatten_by_path(tree)
+    if len(flat) != len(pytree.leaves(tree)):  # a key with a dot in it would collide
+        raise ValueError("checkpoint state keys must not contain '.'")
     for key, leaf in flat.items():
         if not isinstance(leaf, torch.Tensor):
             raise TypeError(f"checkpoint state leaf {key!r} is a {type(leaf).__name__}, not a tensor "
                             "(put plain values in `extra`)")
     return flat
-
-
-def unflatten_like(target: Any, flat: dict[str, Any], prefix: str = "") -> Any:
-    """The tree of `target`'s structure with leaves taken from `flat` by path."""
-    def child(k: str) -> str:
-        return f"{prefix}{KEY_SEP}{k}" if prefix else k
-    if isinstance(target, dict):
-        return {k: unflatten_like(v, flat, child(str(k))) for k, v in target.items()}
-    if isinstance(target, (list, tuple)):
-        return type(target)(unflatten_like(v, flat, child(str(i))) for i, v in enumerate(target))
-    return flat[prefix]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,9 +230,16 @@ def _init_jax(rank: int, world: int) -> None:
 # ---------------------------------------------------------------------------------------------
 # paths
 
+# Files orbax writes last into a step's items; a step dir without them is damaged.
+_STATE_METADATA = "_METADATA"
+
 
 def _step_dirs(root: Path) -> list[int]:
     return sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit()) if root.is_dir() else []
+
+
+def _is_step_dir(p: Path) -> bool:
+    return p.name.isdigit() and ((p / STATE_ITEM).exists() or (p / EXTRA_ITEM).exists())
 
 
 def is_native_checkpoint(path: str | os.PathLike) -> bool:
@@ -267,15 +250,33 @@ def is_native_checkpoint(path: str | os.PathLike) -> bool:
     return any((p / str(s) / STATE_ITEM).is_dir() for s in _step_dirs(p))
 
 
-def _split_load_path(path: str) -> tuple[Path, int | None]:
-    """(root, step) for a root dir (step None: its latest) or a `<root>/<step>` dir."""
+def _missing_metadata(step_dir: Path) -> list[str]:
+    """The metadata a complete step dir has and `step_dir` lacks (relative names)."""
+    wanted = [Path(STATE_ITEM) / _STATE_METADATA, Path(EXTRA_ITEM)]
+    return [str(w) for w in wanted if not (step_dir / w).exists()]
+
+
+def resolve(path: str | os.PathLike) -> tuple[Path, int | None]:
+    """(root, step) of a native checkpoint given as its root (step None: the latest committed
+    step) or as one `<root>/<step>` dir. Errors say what `path` is instead."""
     p = Path(path)
     if not p.exists():
-        raise UserError(f"load: checkpoint {path} does not exist")
-    if p.name.isdigit() and (p / STATE_ITEM).is_dir():
+        raise UserError(f"checkpoint {p} does not exist")
+    if _is_step_dir(p):
+        missing = _missing_metadata(p)
+        if missing:
+            others = [s for s in _step_dirs(p.parent) if s != int(p.name)]
+            hint = f"; other steps in {p.parent}: {others}" if others else ""
+            raise UserError(f"checkpoint step dir {p} is missing its metadata ({', '.join(missing)}): "
+                            f"it is damaged or incomplete{hint}")
         return p.parent, int(p.name)
     if not is_native_checkpoint(p):
-        raise UserError(f"load: {path} is not a checkpoint written by this project (no <step>/state inside)")
+        hint = ""
+        if (p / "config.json").is_file():
+            hint = " (it is an HF model directory)"
+        elif is_native_checkpoint(p / "checkpoints"):
+            hint = f" (a run directory: its checkpoints are in {p / 'checkpoints'})"
+        raise UserError(f"{p} is not a checkpoint written by this project (no <step>/state inside){hint}")
     return p, None
 
 
@@ -288,6 +289,121 @@ def _check_writable(d: Path) -> None:
         os.remove(probe)
     except OSError as e:
         raise UserError(f"checkpoint dir {d} is not writable: {e.strerror or e}") from e
+
+
+# ---------------------------------------------------------------------------------------------
+# reading (shared by Reader and Checkpointer)
+
+
+def _open_manager(root: Path, *, read_only: bool, keep: int = 1, async_save: bool = False):
+    import orbax.checkpoint as ocp
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, enable_async_checkpointing=async_save,
+        create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only)
+    handlers = {STATE_ITEM: ocp.PyTreeCheckpointHandler(), EXTRA_ITEM: ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(root.absolute(), options=options, item_handlers=handlers)
+
+
+def _saved_metadata(manager, step: int, where: Path) -> dict:
+    """{saved key: array metadata (.shape, .dtype)} of one step."""
+    try:
+        saved = manager.item_metadata(step)[STATE_ITEM].tree
+    except Exception as e:  # noqa: BLE001 - orbax raises many types for unreadable metadata
+        raise UserError(f"cannot read checkpoint {where}: {type(e).__name__}: {e}") from e
+    if saved is None:
+        raise UserError(f"cannot read checkpoint {where}: no state metadata")
+    return dict(saved)
+
+
+def _check_shapes(saved: dict, where: Path, wanted: dict[str, torch.Tensor], exact: bool) -> None:
+    for key, t in wanted.items():
+        if key not in saved:
+            raise UserError(f"checkpoint {where} has no {key!r} (model shape {tuple(t.shape)}); "
+                            "was it written for another model?")
+        if tuple(saved[key].shape) != tuple(t.shape):
+            raise UserError(f"checkpoint {where}: {key!r} has shape {tuple(saved[key].shape)}, "
+                            f"the model expects {tuple(t.shape)}")
+    if exact:
+        extra_keys = sorted(k for k in saved if k not in wanted)
+        if extra_keys:
+            raise UserError(f"checkpoint {where} has {extra_keys[0]!r} (shape "
+                            f"{tuple(saved[extra_keys[0]].shape)}), which the model does not")
+
+
+def _restore_into(manager, step: int, where: Path, wanted: dict[str, torch.Tensor], *,
+                  partial: bool, with_extra: bool) -> tuple[dict[str, torch.Tensor], dict]:
+    """Fill the `wanted` tensors (by saved key) from `step`, in their dtypes and placements;
+    also returns `extra` when `with_extra`."""
+    import jax
+    import orbax.checkpoint as ocp
+    restore_args = {k: _restore_arg(v) for k, v in wanted.items()}
+    abstract = {k: jax.ShapeDtypeStruct(tuple(wanted[k].shape), a.dtype, sharding=getattr(a, "sharding", None))
+                for k, a in restore_args.items()}
+    items = {STATE_ITEM: ocp.args.PyTreeRestore(abstract, restore_args=restore_args, partial_restore=partial)}
+    if with_extra:
+        items[EXTRA_ITEM] = ocp.args.JsonRestore()
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"cannot read checkpoint {where}: {type(e).__name__}: {e}") from e
+    arrays = restored[STATE_ITEM]
+    filled = {k: _fill(v, arrays[k]) for k, v in wanted.items()}
+    extra = dict(restored[EXTRA_ITEM] or {}) if with_extra else {}
+    return filled, extra
+
+
+class Reader:
+    """Read-only access to one step of a native checkpoint, for loading a model anywhere.
+
+        with Reader("runs/pretrain/checkpoints") as r:        # the latest step (or a <step> dir)
+            config = r.extra()["config"]["model"]
+            params = r.read(target_params, prefix="params")    # filled in target's dtypes/devices
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        _init_jax(0, 1)
+        self.root, step = resolve(path)
+        self._manager = _open_manager(self.root, read_only=True)
+        self.step = self._manager.latest_step() if step is None else step
+        if self.step is None:
+            self.close()
+            raise UserError(f"{path}: no committed checkpoint step inside")
+        self.where = self.root / str(self.step)
+
+    def extra(self) -> dict:
+        """The step's JSON `extra` (data position, the run's resolved config)."""
+        import orbax.checkpoint as ocp
+        try:
+            restored = self._manager.restore(self.step, args=ocp.args.Composite(
+                **{EXTRA_ITEM: ocp.args.JsonRestore()}))
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"cannot read checkpoint {self.where} (its extra JSON): "
+                            f"{type(e).__name__}: {e}") from e
+        return dict(restored[EXTRA_ITEM] or {})
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """{saved key ("params.layers.0.wq"): shape} of every saved tensor."""
+        return {k: tuple(m.shape) for k, m in _saved_metadata(self._manager, self.step, self.where).items()}
+
+    def read(self, target: Any, prefix: str = "params") -> Any:
+        """`target`'s tree filled from the saved tensors under `prefix` (key `prefix.<path>`),
+        cast to target's dtypes; a missing key or another shape is an error naming the tensor."""
+        flat = _tensor_leaves(target)
+        wanted = {f"{prefix}.{k}" if prefix else k: v for k, v in flat.items()}
+        _check_shapes(_saved_metadata(self._manager, self.step, self.where), self.where, wanted, exact=False)
+        filled, _ = _restore_into(self._manager, self.step, self.where, wanted, partial=True, with_extra=False)
+        return pytree.unflatten_like(target, {k: filled[w] for k, w in zip(flat, wanted)})
+
+    def close(self) -> None:
+        if self._manager is not None:
+            self._manager.close()
+            self._manager = None
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,15 +424,8 @@ class Checkpointer:
         self._staging: dict[str, torch.Tensor] = {}
         if cfg.dir:
             _check_writable(Path(cfg.dir))  # every rank: each fails alike instead of hanging in a barrier
-            self._manager = self._open(Path(cfg.dir), read_only=False)
-
-    def _open(self, root: Path, read_only: bool):
-        import orbax.checkpoint as ocp
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=self.cfg.keep, enable_async_checkpointing=self.cfg.async_save,
-            create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only)
-        handlers = {STATE_ITEM: ocp.PyTreeCheckpointHandler(), EXTRA_ITEM: ocp.JsonCheckpointHandler()}
-        return ocp.CheckpointManager(root.absolute(), options=options, item_handlers=handlers)
+            self._manager = _open_manager(Path(cfg.dir), read_only=False, keep=cfg.keep,
+                                          async_save=cfg.async_save)
 
     # -- saving ---------------------------------------------------------------------------------
 
@@ -388,58 +497,26 @@ class Checkpointer:
 
         Reads `dir` (the given or latest step) when it holds a checkpoint, else `load`; with
         `finetune` a `load` gives params only (target's opt and step are kept) and extra {}."""
-        if step is not None or self.latest_step() is not None:
-            root, manager = Path(self.cfg.dir), self._manager
-            step = self.latest_step() if step is None else step
-            if step not in manager.all_steps():
-                raise UserError(f"no checkpoint for step {step} in {root} (have {manager.all_steps()})")
-            params_only = False
-        elif self.cfg.load:
-            root, step = _split_load_path(self.cfg.load)
-            manager = self._open(root, read_only=True)
-            step = manager.latest_step() if step is None else step
-            params_only = self.cfg.finetune
-        else:
-            raise UserError("nothing to restore: no checkpoint in checkpoint.dir and no checkpoint.load")
-        where = root / str(step)
         flat_target = _tensor_leaves(target)
-        wanted = {k: v for k, v in flat_target.items() if not params_only or k.split(KEY_SEP)[0] == "params"}
-        self._check_shapes(manager, step, where, wanted, exact=not params_only)
-        import jax
-        import orbax.checkpoint as ocp
-        restore_args = {k: _restore_arg(v) for k, v in wanted.items()}
-        abstract = {k: jax.ShapeDtypeStruct(tuple(wanted[k].shape), a.dtype, sharding=getattr(a, "sharding", None))
-                    for k, a in restore_args.items()}
-        try:
-            restored = manager.restore(step, args=ocp.args.Composite(**{
-                STATE_ITEM: ocp.args.PyTreeRestore(abstract, restore_args=restore_args, partial_restore=params_only),
-                EXTRA_ITEM: ocp.args.JsonRestore()}))
-        except Exception as e:  # noqa: BLE001
-            raise UserError(f"cannot read checkpoint {where}: {type(e).__name__}: {e}") from e
-        arrays = restored[STATE_ITEM]
-        flat = {k: _fill(v, arrays[k]) if k in wanted else v for k, v in flat_target.items()}
-        extra = {} if params_only else dict(restored[EXTRA_ITEM] or {})
-        return unflatten_like(target, flat), extra
+        if step is not None or self.latest_step() is not None:
+            root = Path(self.cfg.dir)
+            step = self.latest_step() if step is None else step
+            if step not in self._manager.all_steps():
+                raise UserError(f"no checkpoint for step {step} in {root} (have {self._manager.all_steps()})")
+            return self._restore_step(self._manager, step, root / str(step), target, flat_target, False)
+        if not self.cfg.load:
+            raise UserError("nothing to restore: no checkpoint in checkpoint.dir and no checkpoint.load")
+        with Reader(self.cfg.load) as reader:
+            return self._restore_step(reader._manager, reader.step, reader.where, target, flat_target,
+                                      self.cfg.finetune)
 
-    def _check_shapes(self, manager, step: int, where: Path, wanted: dict, exact: bool) -> None:
-        try:
-            saved = manager.item_metadata(step)[STATE_ITEM].tree
-        except Exception as e:  # noqa: BLE001
-            raise UserError(f"cannot read checkpoint {where}: {type(e).__name__}: {e}") from e
-        if saved is None:
-            raise UserError(f"cannot read checkpoint {where}: no state metadata")
-        for key, t in wanted.items():
-            if key not in saved:
-                raise UserError(f"checkpoint {where} has no {key!r} (model shape {tuple(t.shape)}); "
-                                "was it written for another model?")
-            if tuple(saved[key].shape) != tuple(t.shape):
-                raise UserError(f"checkpoint {where}: {key!r} has shape {tuple(saved[key].shape)}, "
-                                f"the model expects {tuple(t.shape)}")
-        if exact:
-            extra_keys = sorted(k for k in saved if k not in wanted)
-            if extra_keys:
-                raise UserError(f"checkpoint {where} has {extra_keys[0]!r} (shape "
-                                f"{tuple(saved[extra_keys[0]].shape)}), which the model does not")
+    def _restore_step(self, manager, step: int, where: Path, target: Any, flat_target: dict,
+                      params_only: bool) -> tuple[Any, dict]:
+        wanted = {k: v for k, v in flat_target.items() if not params_only or k.split(".")[0] == "params"}
+        _check_shapes(_saved_metadata(manager, step, where), where, wanted, exact=not params_only)
+        filled, extra = _restore_into(manager, step, where, wanted, partial=params_only, with_extra=True)
+        flat = {k: filled.get(k, v) for k, v in flat_target.items()}
+        return pytree.unflatten_like(target, flat), {} if params_only else extra
 
     def close(self) -> None:
         """Finish pending saves and release orbax's threads (and jax's process group)."""

@@ -43,6 +43,14 @@ def flatten_by_path(tree: PyTree, is_leaf: Callable[[Any], bool] | None = None) 
     return {path_str(p): v for p, v in zip(paths, values)}
 
 
+def unflatten_like(target: PyTree, flat: dict[str, Any],
+                   is_leaf: Callable[[Any], bool] | None = None) -> PyTree:
+    """The tree of `target`'s structure whose leaves are `flat[path]` (the inverse of
+    `flatten_by_path`, matched by path, never by position)."""
+    paths, _, spec = optree.tree_flatten_with_path(target, is_leaf=is_leaf)
+    return optree.tree_unflatten(spec, [flat[path_str(p)] for p in paths])
+
+
 def is_axes(x: Any) -> bool:
     """Leaves of a logical-axes tree are tuples of names (tuples are also optree nodes)."""
     return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)

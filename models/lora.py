@@ -76,6 +76,13 @@ def _check_saved_modules(config: llama.Config, lora_cfg: LoraConfig) -> None:
         raise ValueError("modules_to_save has 'lm_head' but the model ties it to 'embed'; save 'embed'")
 
 
+def adapter_shapes(config: llama.Config, lora_cfg: LoraConfig) -> Adapters:
+    """Shapes of the adapter tree: A [in, r] and B [r, out] per targeted weight."""
+    shapes = llama.param_shapes(config)["layers"]
+    return {"layers": [{name: {"a": (layer[name][0], lora_cfg.r), "b": (lora_cfg.r, layer[name][1])}
+                        for name in lora_cfg.param_names} for layer in shapes]}
+
+
 def init_adapters(config: llama.Config, lora_cfg: LoraConfig, seed: int = 0,
                   dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Adapters:
     """Fresh adapters: A uniform in ±1/sqrt(in) (PEFT's kaiming-uniform, a=sqrt(5)), B zero.
@@ -84,16 +91,15 @@ def init_adapters(config: llama.Config, lora_cfg: LoraConfig, seed: int = 0,
     """
     _check_saved_modules(config, lora_cfg)
     generator = torch.Generator().manual_seed(seed)
-    shapes = llama.param_shapes(config)["layers"]
     layers = []
-    for layer_shapes in shapes:
+    for layer_shapes in adapter_shapes(config, lora_cfg)["layers"]:
         layer = {}
-        for name in lora_cfg.param_names:
-            fan_in, fan_out = layer_shapes[name]
+        for name, ab in layer_shapes.items():
+            fan_in = ab["a"][0]
             bound = 1.0 / math.sqrt(fan_in)
-            a = torch.empty(fan_in, lora_cfg.r).uniform_(-bound, bound, generator=generator)
+            a = torch.empty(ab["a"]).uniform_(-bound, bound, generator=generator)
             layer[name] = {"a": a.to(device=device, dtype=dtype),
-                           "b": torch.zeros(lora_cfg.r, fan_out, dtype=dtype, device=device)}
+                           "b": torch.zeros(ab["b"], dtype=dtype, device=device)}
         layers.append(layer)
     return {"layers": layers}
 
@@ -123,13 +129,12 @@ class LoraWeight:
         return x @ self.w + (h @ self.a @ self.b) * self.scale
 
 
-def lora_forward(params: Params, adapters: Adapters, tokens: torch.Tensor, config: llama.Config,
-                 lora_cfg: LoraConfig, *, training: bool = False, **forward_kw) -> torch.Tensor:
-    """Logits of the adapted model; `forward_kw` goes to `models.llama.forward`.
+def adapt(params: Params, adapters: Adapters, lora_cfg: LoraConfig, *,
+          training: bool = False) -> Params:
+    """`params` whose targeted weights are `LoraWeight`s (base weight + adapter): what
+    `models.llama.forward` runs as the adapted model, w + A@B never materialised.
 
-    training: apply LoRA dropout, drawing masks from torch's global generator (the training
-    loop reseeds it from (seed, step), so a resumed run draws the same masks).
-    """
+    training: apply LoRA dropout (masks from torch's global generator)."""
     if len(adapters["layers"]) != len(params["layers"]):
         raise ValueError(f"adapters have {len(adapters['layers'])} layers, params {len(params['layers'])}")
     layers = []
@@ -139,7 +144,18 @@ def lora_forward(params: Params, adapters: Adapters, tokens: torch.Tensor, confi
             layer[name] = LoraWeight(p[name], ab["a"], ab["b"], lora_cfg.scale, lora_cfg.dropout,
                                      training)
         layers.append(layer)
-    return llama.forward({**params, "layers": layers}, tokens, config, **forward_kw)
+    return {**params, "layers": layers}
+
+
+def lora_forward(params: Params, adapters: Adapters, tokens: torch.Tensor, config: llama.Config,
+                 lora_cfg: LoraConfig, *, training: bool = False, **forward_kw) -> torch.Tensor:
+    """Logits of the adapted model; `forward_kw` goes to `models.llama.forward`.
+
+    training: apply LoRA dropout, drawing masks from torch's global generator (the training
+    loop reseeds it from (seed, step), so a resumed run draws the same masks).
+    """
+    return llama.forward(adapt(params, adapters, lora_cfg, training=training), tokens, config,
+                         **forward_kw)
 
 
 def lora_loss_fn(train: Params, frozen: Params, batch: dict[str, torch.Tensor],

@@ -209,40 +209,61 @@ def resize_vocab(params: Params, vocab_size: int) -> Params:
     return out
 
 
-def _check_fits(path: Path, params: Params, adapters: Adapters) -> None:
+def _check_fits(path: Path, params: Params, adapters: Adapters, lora_cfg: LoraConfig) -> None:
     if len(adapters["layers"]) != len(params["layers"]):
         raise UserError(f"{path}: adapter has {len(adapters['layers'])} layers, "
-                        f"the base model {len(params['layers'])}")
+                        f"the base model {len(params['layers'])}: it was made for another model")
+    param_to_target = {p: t for t, p in _PARAM_OF.items()}
     for i, (p, ad) in enumerate(zip(params["layers"], adapters["layers"])):
-        for name, ab in ad.items():
+        for name in lora_cfg.param_names:
+            ab = ad[name]
             fan_in, fan_out = p[name].shape
             if ab["a"].shape[0] != fan_in or ab["b"].shape[1] != fan_out:
-                raise UserError(f"{path}: layer {i} {name} adapter maps {ab['a'].shape[0]}->"
-                                f"{ab['b'].shape[1]}, the base weight is {fan_in}->{fan_out}")
+                key = _lora_key(i, param_to_target[name], "A")
+                raise UserError(f"{path}: {key}: layer {i} {name} adapter maps {ab['a'].shape[0]}->"
+                                f"{ab['b'].shape[1]}, the base weight is {fan_in}->{fan_out}: "
+                                "the adapter was made for another model")
+
+
+def attach(config: llama.Config, params: Params, path: str | Path
+           ) -> tuple[llama.Config, Params, LoraConfig, Adapters]:
+    """Put the PEFT adapter at `path` on `params`, unmerged: (config, params, lora_cfg, adapters).
+
+    The vocabulary is first resized to the adapter's own (the row count of its saved embeddings
+    or lm_head, Chinese-LLaMA-Alpaca style), its modules_to_save replace embed/lm_head, and its
+    low-rank pairs are checked against the base weights (a mismatch names the tensor). Adapters
+    come back in the dtype and on the device of the base params.
+    """
+    path = Path(path)
+    lora_cfg, adapters, modules = load(path)
+    if config.tie_embeddings and "lm_head" in modules:
+        raise UserError(f"{path}: saves lm_head but the base model ties it to the embeddings")
+    vocab = (modules["embed"].shape[0] if "embed" in modules
+             else modules["lm_head"].shape[1] if "lm_head" in modules else config.vocab_size)
+    if vocab != config.vocab_size:
+        params = resize_vocab(params, vocab)
+        config = dataclasses.replace(config, vocab_size=vocab)
+    for name, w in modules.items():
+        key = _MODULE_KEYS[name]
+        if w.shape != params[name].shape:
+            raise UserError(f"{path}: {key} (saved {name}) has shape {tuple(w.shape)}, "
+                            f"the model expects {tuple(params[name].shape)}")
+        params = dict(params, **{name: w.to(dtype=params[name].dtype, device=params[name].device)})
+    _check_fits(path, params, adapters, lora_cfg)
+    like = params["embed"]
+    adapters = {"layers": [{name: {k: t.to(dtype=like.dtype, device=like.device) for k, t in ab.items()}
+                            for name, ab in layer.items()} for layer in adapters["layers"]]}
+    return config, params, lora_cfg, adapters
 
 
 def merge_adapters(config: llama.Config, params: Params, adapter_dirs: list[str | Path]
                    ) -> tuple[llama.Config, Params]:
     """Fold a chain of PEFT adapters into base params, in order (Chinese-LLaMA-Alpaca style).
 
-    Before each adapter the vocabulary is resized to the adapter's own: the row count of its
-    saved embeddings (or lm_head). Its modules_to_save then replace embed/lm_head, and its
-    low-rank updates are added to the weights. An adapter that saves neither keeps the vocabulary.
+    Before each adapter the vocabulary is resized to the adapter's own (see `attach`); its
+    modules_to_save then replace embed/lm_head, and its low-rank updates are added to the weights.
     """
-    for path in map(Path, adapter_dirs):
-        lora_cfg, adapters, modules = load(path)
-        if config.tie_embeddings and "lm_head" in modules:
-            raise UserError(f"{path}: saves lm_head but the base model ties it to the embeddings")
-        vocab = (modules["embed"].shape[0] if "embed" in modules
-                 else modules["lm_head"].shape[1] if "lm_head" in modules else config.vocab_size)
-        if vocab != config.vocab_size:
-            params = resize_vocab(params, vocab)
-            config = dataclasses.replace(config, vocab_size=vocab)
-        for name, w in modules.items():
-            if w.shape != params[name].shape:
-                raise UserError(f"{path}: saved {name} has shape {tuple(w.shape)}, "
-                                f"the model expects {tuple(params[name].shape)}")
-            params = dict(params, **{name: w.to(params[name].dtype)})
-        _check_fits(path, params, adapters)
+    for path in adapter_dirs:
+        config, params, lora_cfg, adapters = attach(config, params, path)
         params = merge(params, adapters, lora_cfg)
     return config, params

@@ -23,12 +23,11 @@ import torch
 from lib import checkpoint, cli
 from lib import config as config_lib
 from lib.errors import UserError
-from models import hf, llama, peft
+from models import checkpoints, hf, llama, peft
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "added_tokens.json")
-MODEL_KEY = "model"  # where the model config sits in a native checkpoint's `extra`
 
 
 def _check_output_free(path: Path) -> None:
@@ -36,47 +35,12 @@ def _check_output_free(path: Path) -> None:
         raise UserError(f"--output {path} already exists and is not empty; choose a new directory")
 
 
-def _model_config_from_extra(extra: dict, where: str) -> llama.Config:
-    """The model config a checkpoint recorded: ours at extra["model"], a runner's at
-    extra["config"]["model"] (the resolved run config)."""
-    raw = extra.get(MODEL_KEY)
-    if raw is None and isinstance(extra.get("config"), dict):
-        raw = extra["config"].get("model")
-    if raw is None:
-        raise UserError(f"{where}: the checkpoint records no model config; pass --model PRESET")
-    return config_lib.from_dict(llama.Config, raw, "model")
-
-
-def _read_extra(path: Path) -> dict:
-    """`extra` JSON of the checkpoint at `path` (a root: its latest step; or one step dir).
-
-    lib.checkpoint restores extra only together with the full state; a converter needs it alone.
-    """
-    import orbax.checkpoint as ocp
-    root, step = (path.parent, int(path.name)) if path.name.isdigit() else (path, None)
-    manager = ocp.CheckpointManager(root.absolute(), options=ocp.CheckpointManagerOptions(read_only=True),
-                                    item_names=(checkpoint.STATE_ITEM, checkpoint.EXTRA_ITEM))
-    try:
-        step = manager.latest_step() if step is None else step
-        if step is None:
-            raise UserError(f"{path}: not a native checkpoint (no committed <step>/ inside)")
-        restored = manager.restore(step, args=ocp.args.Composite(
-            **{checkpoint.EXTRA_ITEM: ocp.args.JsonRestore()}))
-        return dict(restored[checkpoint.EXTRA_ITEM] or {})
-    except UserError:
-        raise
-    except Exception as e:  # noqa: BLE001 - orbax raises many types for unreadable dirs
-        raise UserError(f"{path}: cannot read the checkpoint's extra: {type(e).__name__}: {e}") from None
-    finally:
-        manager.close()
-
-
 def hf_to_native(input_dir: Path, output_dir: Path, dtype: torch.dtype | None) -> None:
     _check_output_free(output_dir)
     config, params = hf.load(input_dir, dtype=dtype)
     ckpt = checkpoint.Checkpointer(checkpoint.CheckpointConfig(dir=str(output_dir), keep=1, async_save=False))
     try:
-        ckpt.save(0, {"params": params}, {MODEL_KEY: config_lib.to_dict(config),
+        ckpt.save(0, {"params": params}, {checkpoints.MODEL_KEY: config_lib.to_dict(config),
                                           "converted_from": str(input_dir)}, force=True)
     finally:
         ckpt.close()
@@ -84,30 +48,17 @@ def hf_to_native(input_dir: Path, output_dir: Path, dtype: torch.dtype | None) -
 
 
 def native_to_hf(input_dir: Path, output_dir: Path, dtype: torch.dtype | None, model: str | None) -> None:
-    if not checkpoint.is_native_checkpoint(input_dir):
-        hint = " (it is an HF model directory already)" if (input_dir / "config.json").is_file() else ""
-        raise UserError(f"{input_dir}: not a native checkpoint, no <step>/state inside{hint}")
+    if checkpoints.checkpoint_kind(input_dir) == "hf":
+        raise UserError(f"{input_dir}: not a native checkpoint, no <step>/state inside (it is an HF "
+                        "model directory already)")
     _check_output_free(output_dir)
-    ckpt = checkpoint.Checkpointer(checkpoint.CheckpointConfig(load=str(input_dir), finetune=True))
-    try:
-        config = (config_lib.from_dict(llama.Config, model, "--model") if model is not None
-                  else _model_config_from_extra(_read_extra(input_dir), str(input_dir)))
-        shapes = llama.param_shapes(config)
-        target_dtype = dtype or torch.float32
-        target = {"params": _empty_like_shapes(shapes, target_dtype)}
-        restored, _ = ckpt.restore(target)
-    finally:
-        ckpt.close()
-    hf.save(output_dir, config, restored["params"], dtype=dtype)
-    print(f"wrote HF model {output_dir} from native checkpoint {input_dir}")
-
-
-def _empty_like_shapes(shapes, dtype: torch.dtype):
-    if isinstance(shapes, dict):
-        return {k: _empty_like_shapes(v, dtype) for k, v in shapes.items()}
-    if isinstance(shapes, list):
-        return [_empty_like_shapes(v, dtype) for v in shapes]
-    return torch.empty(shapes, dtype=dtype)
+    expected = config_lib.from_dict(llama.Config, model, "--model") if model is not None else None
+    config, params, lora_cfg = checkpoints.load_pretrained(
+        input_dir, dtype=dtype or torch.float32, merge_adapter=True, config=expected)
+    hf.save(output_dir, config, params, dtype=dtype)
+    merged = (f" (its LoRA adapters, r={lora_cfg.r}, merged into the base model it was trained on)"
+              if lora_cfg is not None else "")
+    print(f"wrote HF model {output_dir} from native checkpoint {input_dir}{merged}")
 
 
 def merge_lora(base: Path, adapters: list[Path], output_dir: Path, dtype: torch.dtype | None) -> None:

@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from lib.checkpoint import CheckpointConfig, Checkpointer, flatten  # noqa: E402
+from lib.checkpoint import CheckpointConfig, Checkpointer  # noqa: E402
+from lib.pytree import flatten_by_path as flatten, unflatten_like  # noqa: E402
 from lib.errors import UserError  # noqa: E402
 
 
@@ -48,7 +49,6 @@ def sharded() -> None:
         flat = flatten(tree)
         out = {k: distribute_tensor(v, mesh, [placement_of(v)], src_data_rank=None) if v.ndim else v
                for k, v in flat.items()}
-        from lib.checkpoint import unflatten_like
         return unflatten_like(tree, out)
 
     ckpt = Checkpointer(CheckpointConfig(dir=sys.argv[2], every=1, keep=2), rank, world)
@@ -74,7 +74,6 @@ def sharded() -> None:
 
 
 def _zeros_like(tree):
-    from lib.checkpoint import unflatten_like
     return unflatten_like(tree, {k: torch.zeros_like(v) for k, v in flatten(tree).items()})
 
 

@@ -13,7 +13,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from ckpt_worker import reference_state  # noqa: E402
 
-from lib.checkpoint import CheckpointConfig, Checkpointer, flatten, is_native_checkpoint, unflatten_like  # noqa: E402
+from lib.checkpoint import CheckpointConfig, Checkpointer, Reader, is_native_checkpoint  # noqa: E402
+from lib.pytree import flatten_by_path as flatten, unflatten_like  # noqa: E402
 from lib.errors import UserError  # noqa: E402
 
 WORKER = str(Path(__file__).parent / "ckpt_worker.py")
@@ -70,6 +71,20 @@ def test_roundtrip_is_bit_exact_with_retention_and_extra(tmp_path):
     again.close()
 
 
+def test_saved_names_are_the_dotted_tree_paths(tmp_path):
+    """These names are the on-disk format (the hand-written flatten before optree wrote the same):
+    checkpoints written by earlier versions must keep loading."""
+    ckpt = Checkpointer(CheckpointConfig(dir=str(tmp_path), async_save=False))
+    ckpt.save(1, reference_state(), force=True)
+    ckpt.close()
+    with Reader(tmp_path) as reader:
+        assert reader.step == 1
+        assert set(reader.shapes()) == {
+            "params.embed", "params.layers.0.wq", "params.layers.0.norm", "params.layers.1.wq",
+            "params.layers.1.norm", "params.odd", "opt.mu.0", "opt.mu.1", "opt.count", "step"}
+        assert reader.shapes()["params.layers.1.wq"] == (6, 4)
+
+
 def test_restore_casts_to_target_dtype(tmp_path):
     state = reference_state()
     ckpt = Checkpointer(CheckpointConfig(dir=str(tmp_path), async_save=False))
@@ -95,7 +110,7 @@ def test_model_shape_mismatch_names_the_key_and_both_shapes(tmp_path):
         ckpt.restore(wider)
     deeper = zeros_like(state)
     deeper["params"]["layers"].append({"wq": torch.zeros(6, 4), "norm": torch.zeros(6)})
-    with pytest.raises(UserError, match=r"has no 'params\.layers\.2\.wq'"):
+    with pytest.raises(UserError, match=r"has no 'params\.layers\.2\.norm'"):
         ckpt.restore(deeper)
     shallower = zeros_like(state)
     shallower["params"]["layers"].pop()

@@ -88,5 +88,5 @@ def test_merge_rejects_an_adapter_for_another_shape(tmp_path, capsys):
     hf.save(tmp_path / "base", CONFIG, llama.init(CONFIG, seed=0))
     assert run(["merge-lora", "--base", tmp_path / "base", "--lora", tmp_path / "a",
                 "--output", tmp_path / "out"]) == 2
-    assert "adapter maps 64->32, the base weight is 176->64" in capsys.readouterr().err
+    assert "q_proj.lora_A.weight: layer 0 wq adapter maps 32->32, the base weight is 64->64" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

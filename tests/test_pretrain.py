@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from lib import checkpoint as ckpt_lib
+from lib import pytree
 from lib.data.corpus import default_dataset
 from lib.errors import UserError
 from models import hf, llama
@@ -86,7 +87,7 @@ def test_sigkill_then_resume_is_bit_identical(data, tmp_path):
     pretrain.main(args(data, killed, *steps))
     a, _ = final_state(whole, 40)
     b, _ = final_state(killed, 40)
-    for (path, x), (_, y) in zip(ckpt_lib.flatten(a).items(), ckpt_lib.flatten(b).items()):
+    for (path, x), (_, y) in zip(pytree.flatten_by_path(a).items(), pytree.flatten_by_path(b).items()):
         assert torch.equal(x, y), path
     # The resumed log continues where the checkpoint was, without duplicated steps.
     steps_logged = [r["step"] for r in metrics(killed) if "loss" in r]
@@ -100,7 +101,7 @@ def test_divergence_stops_naming_the_step_and_keeps_the_state(data, tmp_path):
                            "train.max_bad_steps=2", "checkpoint.every=1"))
     # Non-finite steps are skipped: the last checkpoint holds finite parameters.
     state, _ = final_state(out, None)
-    assert all(torch.isfinite(t).all() for t in ckpt_lib.flatten(state["params"]).values())
+    assert all(torch.isfinite(t).all() for t in pytree.flatten_by_path(state["params"]).values())
 
 
 def test_mesh_that_does_not_fit_the_world(data, tmp_path):
