@@ -49,7 +49,7 @@ def hf_reference(cfg: pretrain.PretrainConfig, out: Path) -> None:
     schedule = torch.optim.lr_scheduler.LambdaLR(
         adamw, lambda step: float(optim.learning_rate(opt, step)) / opt.lr)
     sets = build_datasets(cfg.data, {"train": train.steps * train.global_batch},
-                          max_seq_len=model_cfg.max_seq_len)
+                          max_seq_len=model_cfg.max_seq_len, vocab_size=model_cfg.vocab_size)
     with open(out, "w") as f:
         for step, batch in enumerate(batches(sets["train"], train.global_batch, 0, 0, 1), 1):
             if step > train.steps:

@@ -156,6 +156,8 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, int) and not isinstance(value, bool):  # YAML reads `split=1` as an int
+            return str(value)
         raise ConfigError(f"{where}: expected str, got {value!r}")
     if tp is Path:
         if isinstance(value, (str, Path)):

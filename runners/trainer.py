@@ -197,7 +197,7 @@ def train_loop(*, run: Run, cfg: Any, train: TrainConfig, model: llama.Config,
     gb = train.global_batch
     eval_samples = gb * train.eval_batches if train.eval_every else 0
     sets = build_datasets(data_cfg, {"train": train.steps * gb, "valid": eval_samples},
-                          max_seq_len=model.max_seq_len)
+                          max_seq_len=model.max_seq_len, vocab_size=model.vocab_size)
     index, count = sharding.batch_shards(run.rules, run.mesh)
     train_batches = batches(sets["train"], gb, consumed, index, count)
 

@@ -123,6 +123,14 @@ def test_literal():
         config.load(Run, overrides=["optim.schedule=cos"])
 
 
+def test_a_string_key_takes_a_bare_integer():
+    from lib.data import DataConfig
+
+    assert config.load(DataConfig, overrides=["split=1"]).split == "1"
+    with pytest.raises(ConfigError, match="^split: expected str, got True$"):
+        config.load(DataConfig, overrides=["split=true"])
+
+
 def test_model_validation_becomes_a_config_error():
     with pytest.raises(ConfigError, match="^model.dim=64 is not divisible by n_heads=5$"):
         config.load(Run, overrides=["model.n_heads=5"])

@@ -19,6 +19,7 @@ from lib.data.gpt_dataset import GPTDataset, SPLITS, parse_split, split_ranges
 from lib.data.indexed import IndexedDataset, exists
 from lib.data.loader import batches
 from lib.data.sft_dataset import IDS_SUFFIX, SFTDataset, open_sft_pair
+from lib.data.vocab import check_token_ids
 from lib.errors import UserError
 
 __all__ = ["DataConfig", "build_datasets", "batches", "IndexedDataset"]
@@ -64,10 +65,12 @@ def _pad_id(cfg: DataConfig) -> int:
     return load_tokenizer(cfg.tokenizer).pad_id
 
 
-def build_datasets(cfg: DataConfig, num_samples: dict[str, int], max_seq_len: int | None = None) -> dict:
+def build_datasets(cfg: DataConfig, num_samples: dict[str, int], max_seq_len: int | None = None,
+                   vocab_size: int | None = None) -> dict:
     """Datasets for the splits asked for with a positive sample count ("train", "valid", "test").
 
-    Each has exactly that many samples; `max_seq_len` (the model's) rejects a longer `cfg.seq_len`.
+    Each has exactly that many samples; `max_seq_len` (the model's) rejects a longer `cfg.seq_len`,
+    `vocab_size` (the model's) data holding a token id it does not have.
     """
     if not cfg.paths:
         raise UserError("data.paths is empty: give at least one dataset prefix")
@@ -81,6 +84,13 @@ def build_datasets(cfg: DataConfig, num_samples: dict[str, int], max_seq_len: in
     if len(set(kinds.values())) > 1:
         raise UserError(f"data paths mix pretraining text and instruction data: {kinds}")
     pad_id = _pad_id(cfg) if "sft" in kinds.values() else 0
+    if vocab_size is not None:
+        for path, kind in kinds.items():
+            check_token_ids(IndexedDataset(path if kind == "text" else path + IDS_SUFFIX), vocab_size,
+                            cfg.cache_dir)
+        if pad_id >= vocab_size:
+            raise UserError(f"data.tokenizer {cfg.tokenizer}: its pad id {pad_id} is outside the model's "
+                            f"vocabulary of {vocab_size} ids (padding is fed to the embedding)")
 
     def one(path: str, split: str, n: int):
         cache = cfg.cache_dir

@@ -31,7 +31,11 @@ def distributed_rank() -> int:
 
 def cached_arrays(cache_dir: str | os.PathLike, kind: str, key: dict,
                   build: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Load `kind`'s arrays for `key` from `cache_dir`, building (rank 0) and saving them if absent."""
+    """Load `kind`'s arrays for `key` from `cache_dir`, building (rank 0) and saving them if absent.
+
+    A damaged cache (a truncated or deleted array, a cut description file: a full disk or a
+    crash of another tool) is rebuilt with a warning: the arrays are a pure function of `key`.
+    """
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     base = Path(cache_dir) / f"{kind}-{digest}"
     # The description file is written last: its presence means every array is complete.
@@ -39,23 +43,43 @@ def cached_arrays(cache_dir: str | os.PathLike, kind: str, key: dict,
     if not done.exists():
         if distributed_rank() == 0:
             arrays = build()
-            try:
-                base.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise UserError(f"{base.parent}: cannot create the dataset index cache folder ({e})") from e
-            for name, arr in arrays.items():
-                tmp = f"{base}-{name}.tmp{os.getpid()}.npy"
-                np.save(tmp, arr)
-                os.replace(tmp, f"{base}-{name}.npy")
-            tmp = f"{done}.tmp{os.getpid()}"
-            Path(tmp).write_text(json.dumps({"key": key, "arrays": sorted(arrays)}, indent=1, sort_keys=True))
-            os.replace(tmp, done)
+            _save(base, done, key, arrays)
             return arrays
-        deadline = time.monotonic() + WAIT_TIMEOUT_S
-        while not done.exists():
-            if time.monotonic() > deadline:
-                raise UserError(f"{done}: rank 0 did not build the dataset index in {WAIT_TIMEOUT_S:.0f} s "
-                                "(is the cache folder on a filesystem every rank sees?)")
-            time.sleep(0.1)
+        _wait_for(done)
+    try:
+        return _load(base, done)
+    except (OSError, ValueError, EOFError, KeyError, TypeError) as e:
+        print(f"warning: {done}: the cached dataset index is damaged ({e}); rebuilding it", file=sys.stderr)
+        arrays = build()
+        if distributed_rank() == 0:  # every rank builds the same arrays; one writes them
+            _save(base, done, key, arrays)
+        return arrays
+
+
+def _load(base: Path, done: Path) -> dict[str, np.ndarray]:
     names = json.loads(done.read_text())["arrays"]
-    return {name: np.load(f"{base}-{name}.npy", mmap_mode="r") for name in names}
+    # mmap checks each file's length against its header, so a truncated array fails here.
+    return {name: np.load(f"{base}-{name}.npy", mmap_mode="r", allow_pickle=False) for name in names}
+
+
+def _save(base: Path, done: Path, key: dict, arrays: dict[str, np.ndarray]) -> None:
+    try:
+        base.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{base.parent}: cannot create the dataset index cache folder ({e})") from e
+    for name, arr in arrays.items():
+        tmp = f"{base}-{name}.tmp{os.getpid()}.npy"
+        np.save(tmp, arr)
+        os.replace(tmp, f"{base}-{name}.npy")
+    tmp = f"{done}.tmp{os.getpid()}"
+    Path(tmp).write_text(json.dumps({"key": key, "arrays": sorted(arrays)}, indent=1, sort_keys=True))
+    os.replace(tmp, done)
+
+
+def _wait_for(done: Path) -> None:
+    deadline = time.monotonic() + WAIT_TIMEOUT_S
+    while not done.exists():
+        if time.monotonic() > deadline:
+            raise UserError(f"{done}: rank 0 did not build the dataset index in {WAIT_TIMEOUT_S:.0f} s "
+                            "(is the cache folder on a filesystem every rank sees?)")
+        time.sleep(0.1)

@@ -90,6 +90,11 @@ class IndexedDataset:
         return len(self.sequence_lengths)
 
     @property
+    def tokens(self) -> np.ndarray:
+        """Every token of the .bin, back to back (memory-mapped, read-only)."""
+        return self._bin
+
+    @property
     def num_documents(self) -> int:
         return len(self.document_indices) - 1
 
