@@ -275,8 +275,8 @@ def read_json(path: str | Path) -> Any:
     """A JSON file (config.json, params.json, adapter_config.json, ...); a bad one names itself."""
     path = Path(path)
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        return json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid JSON: {e}") from None
 
 

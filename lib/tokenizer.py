@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from lib.config import read_json
 from lib.errors import UserError
 
 
@@ -139,15 +140,18 @@ class HFTokenizer:
     EOS_GUESSES = ("</s>", "<|end_of_text|>", "<eos>", "<|endoftext|>")
 
     def __init__(self, path: str | os.PathLike):
-        import json
-
         from tokenizers import Tokenizer as _Tok
 
         self.path = str(path)
-        self._tok = _Tok.from_file(self.path)
+        try:
+            self._tok = _Tok.from_file(self.path)
+        except Exception as e:  # the tokenizers library raises a bare Exception for any bad file
+            raise UserError(f"{self.path}: not a valid tokenizer.json ({e})") from None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         config_path = Path(path).with_name("tokenizer_config.json")
-        config = json.loads(config_path.read_text()) if config_path.exists() else {}
+        config = read_json(config_path) if config_path.exists() else {}
+        if not isinstance(config, dict):
+            raise UserError(f"{config_path}: expected a JSON object")
 
         def special(key: str, guesses: tuple[str, ...]) -> int | None:
             value = config.get(key)
@@ -203,7 +207,8 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     try:
         return SentencePieceTokenizer(p)
     except (RuntimeError, OSError) as e:
-        raise UserError(f"{p}: not a sentencepiece, tiktoken or tokenizer.json file ({e})") from e
+        raise UserError(f"{p}: not a sentencepiece, tiktoken or tokenizer.json file, or a truncated "
+                        f"one ({e})") from None
 
 
 def train_sentencepiece(texts: Iterable[str], vocab_size: int, path: str | os.PathLike) -> str:

@@ -1,15 +1,25 @@
 """runners.preprocess end to end: worker-count invariance, handlers, and every kind of bad input."""
+import errno
 import json
 import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from lib import cli
+from lib.data import indexed
 from lib.data.corpus import procedural_documents
 from lib.data.indexed import IndexedDataset
 from lib.errors import UserError
 from lib.tokenizer import load_tokenizer, train_sentencepiece
 from runners.preprocess import main
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +163,113 @@ def test_empty_and_invalid_invocations(tmp_path, tok_path):
              "--handler", "alpaca", "--pack")
     with pytest.raises(UserError, match="tokenizer file not found"):
         _run("--input", tmp_path / "e.jsonl", "--output-prefix", tmp_path / "o", "--tokenizer", tmp_path / "no.model")
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults: a full disk, a killed run's leftovers, a garbage parquet file
+
+
+class FullDisk:
+    """`open` for lib.data.indexed whose files (those ending in `suffix`) share `budget` bytes,
+    then fail with ENOSPC, as a full disk does: on write, and again when close() flushes."""
+
+    def __init__(self, budget, suffix=""):
+        self.budget, self.suffix = budget, suffix
+
+    def __call__(self, path, mode="r", *a, **kw):
+        real = open(path, mode, *a, **kw)
+        if "w" not in mode or not str(path).endswith(self.suffix):
+            return real
+        disk = self
+
+        class File:
+            def write(self, data):
+                if len(data) > disk.budget:
+                    disk.budget = 0
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                disk.budget -= len(data)
+                return real.write(data)
+
+            def close(self):
+                real.close()
+                if disk.budget == 0:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+            def __getattr__(self, name):
+                return getattr(real, name)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                self.close()
+        return File()
+
+
+@pytest.mark.parametrize("disk", [FullDisk(3000), FullDisk(500, ".idx")],
+                         ids=["while writing tokens", "while writing the second index"])
+def test_full_disk_is_one_clear_error_and_leaves_nothing(tmp_path, tok_path, capsys, monkeypatch, disk):
+    docs = list(procedural_documents(20_000, seed=3))
+    _jsonl(tmp_path / "in.jsonl", [{"instruction": d[:40], "output": d[40:200]} for d in docs])
+    monkeypatch.setattr(indexed, "open", disk, raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(main, [str(a) for a in ("--input", tmp_path / "in.jsonl", "--output-prefix", tmp_path / "o",
+                                        "--tokenizer", tok_path, "--handler", "alpaca")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.splitlines()[-1]  # after the progress bar
+    assert re.fullmatch(rf"error: {tmp_path}/o_(input_ids|loss_mask)_document\.bin: cannot write it "
+                        r"\(No space left on device\); no partial file is left", err)
+    assert sorted(os.listdir(tmp_path)) == ["in.jsonl"]  # no output, no temporary, of either dataset
+
+
+def test_killed_runs_temporaries_are_removed_live_ones_kept(tmp_path, tok_path, capsys):
+    _jsonl(tmp_path / "in.jsonl", [{"text": "one document"}])
+    prefix = tmp_path / "o_text_document"
+    # A writer of the same prefix in another process, alive until told otherwise.
+    writer = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys
+        from lib.data.indexed import IndexedDatasetWriter
+        w = IndexedDatasetWriter({str(prefix)!r}, "uint16")
+        w.add_document([1, 2, 3])
+        print("writing", flush=True)
+        sys.stdin.read()
+        """)], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline() == "writing\n"
+        live = f"{prefix}.tmp{writer.pid}.bin"
+        (tmp_path / "o_text_document.tmp99999999.bin").write_bytes(b"\0" * 10)   # killed earlier
+        (tmp_path / "o_text_document.tmp99999999.idx").write_bytes(b"MMIDIDX")
+        (tmp_path / "o_text_document.tmp88888888.idx").write_bytes(b"MMIDIDX")  # killed between renames
+        (tmp_path / "o_text_document_v2.tmp77777777.bin").write_bytes(b"")        # another prefix
+        (tmp_path / "o_text_document.tmpx.bin").write_bytes(b"")                   # not a writer's name
+        _run("--input", tmp_path / "in.jsonl", "--output-prefix", tmp_path / "o", "--tokenizer", tok_path)
+        err = capsys.readouterr().err
+        assert (f"removed 3 temporary file(s) of an interrupted run: {prefix}.tmp88888888.idx, "
+                f"{prefix}.tmp99999999.bin, {prefix}.tmp99999999.idx") in err
+        assert sorted(os.listdir(tmp_path)) == sorted([
+            "in.jsonl", "o_text_document.bin", "o_text_document.idx", os.path.basename(live),
+            "o_text_document_v2.tmp77777777.bin", "o_text_document.tmpx.bin"])
+        writer.kill()  # SIGKILL: no clean-up of its own
+        writer.wait()
+        _run("--input", tmp_path / "in.jsonl", "--output-prefix", tmp_path / "o", "--tokenizer", tok_path)
+        assert f"removed 1 temporary file(s) of an interrupted run: {live}" in capsys.readouterr().err
+        assert not os.path.exists(live)
+    finally:
+        writer.kill()
+        writer.wait()
+
+
+@pytest.mark.parametrize("content", ["garbage", "cut in half"])
+def test_garbage_parquet_names_the_file(tmp_path, tok_path, content):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "in.parquet"
+    if content == "garbage":
+        path.write_bytes(b"PAR1 this is not a parquet file at all\n" * 4)
+    else:
+        pq.write_table(pa.table({"text": [f"document {i}" for i in range(100)]}), path)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(UserError, match=rf"^{path}: not a readable parquet file \(.+\)$"):
+        _run("--input", path, "--output-prefix", tmp_path / "o", "--tokenizer", tok_path)
+    assert sorted(os.listdir(tmp_path)) == ["in.parquet"]

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from lib.data.corpus import procedural_documents
-from lib.errors import UserError
+from lib.errors import USER_ERRORS, UserError
 from lib.tokenizer import (ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT, Turn, apply_template, load_tokenizer,
                            train_sentencepiece)
 
@@ -144,3 +144,34 @@ def test_template_errors(sp):
         apply_template(sp, "vicuna", [Turn("user", "x")])
     with pytest.raises(UserError, match="expected a user turn"):
         apply_template(sp, "alpaca", [Turn("assistant", "x")])
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b'{"version": "1.0", "model": {', "EOF while parsing"),          # cut short
+    (b'{"version": "1.0"}', "Model missing"),                         # JSON, but not a tokenizer
+    (b"\xff\xfe\x00 binary", "valid UTF-8"),
+])
+def test_invalid_tokenizer_json_names_the_file(tmp_path, content, reason):
+    (tmp_path / "tokenizer.json").write_bytes(content)
+    with pytest.raises(UserError, match=rf"^{tmp_path}/tokenizer.json: not a valid tokenizer.json \(.*{reason}"):
+        load_tokenizer(tmp_path)  # the folder resolves to it
+
+
+def test_invalid_tokenizer_config_names_the_file(tmp_path):
+    from tokenizers import Tokenizer, models
+
+    Tokenizer(models.BPE(vocab={"<s>": 0, "</s>": 1}, merges=[])).save(str(tmp_path / "tokenizer.json"))
+    for broken in (b'{"bos_token": "<s>",', b"\xff\xfe binary"):
+        (tmp_path / "tokenizer_config.json").write_bytes(broken)
+        with pytest.raises(USER_ERRORS, match=rf"^{tmp_path}/tokenizer_config.json: not valid JSON"):
+            load_tokenizer(tmp_path / "tokenizer.json")
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.99])
+def test_truncated_sentencepiece_model_names_the_file(tmp_path, sp, keep):
+    whole = open(sp.path, "rb").read()
+    cut = tmp_path / "tokenizer.model"
+    cut.write_bytes(whole[: int(len(whole) * keep)])
+    with pytest.raises(UserError, match=rf"^{cut}: not a sentencepiece, tiktoken or tokenizer.json file, "
+                                        r"or a truncated one \(.*could not parse ModelProto"):
+        load_tokenizer(cut)

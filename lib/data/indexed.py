@@ -19,9 +19,13 @@ document and each example in it as a sequence, which is how segment boundaries a
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import re
 import struct
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -132,8 +136,12 @@ class IndexedDataset:
 class IndexedDatasetWriter:
     """Streams sequences into `<prefix>.bin`; `finish()` writes the index, then renames both into place.
 
-    Until `finish()` the files live under temporary names, so an interrupted run leaves nothing
-    that could be mistaken for a complete dataset. Use as a context manager: an exception aborts.
+    Until `finish()` the files live under temporary names (`<prefix>.tmp<pid>.bin/.idx`), so an
+    interrupted run leaves nothing that could be mistaken for a complete dataset. The writer holds
+    an exclusive lock on its temporary .bin for its whole life: the next writer of the same prefix
+    removes a killed run's temporaries (unlocked) and leaves a running one's alone (locked).
+    A failed write (a full disk) is a UserError naming the file, and removes the temporaries.
+    Use as a context manager: an exception aborts.
     """
 
     def __init__(self, prefix: str | os.PathLike, dtype: np.dtype | type):
@@ -141,11 +149,27 @@ class IndexedDatasetWriter:
         self.dtype = np.dtype(dtype)
         if self.dtype not in DTYPE_CODES:
             raise ValueError(f"dtype {self.dtype} has no MMIDIDX code")
-        Path(self.prefix).parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = f"{self.prefix}.tmp{os.getpid()}"
-        self._bin = open(f"{self._tmp}.bin", "wb")
+        with self._reporting("create"):
+            Path(self.prefix).parent.mkdir(parents=True, exist_ok=True)
+            removed = remove_stale_temporaries(self.prefix)
+            if removed:
+                print(f"removed {len(removed)} temporary file(s) of an interrupted run: {', '.join(removed)}",
+                      file=sys.stderr)
+            self._tmp = f"{self.prefix}.tmp{os.getpid()}"
+            self._bin = open(f"{self._tmp}.bin", "wb")
+        fcntl.flock(self._bin, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a file just created: never contended
         self._lengths: list[int] = []
         self._doc_ends: list[int] = [0]
+
+    @contextlib.contextmanager
+    def _reporting(self, action: str) -> Iterator[None]:
+        try:
+            yield
+        except OSError as e:
+            if hasattr(self, "_bin"):
+                self.abort()
+            raise UserError(f"{self.prefix}.bin: cannot {action} it ({e.strerror or e}); "
+                            "no partial file is left") from None
 
     def add_sequence(self, tokens: Sequence[int] | np.ndarray) -> None:
         arr = np.asarray(tokens)
@@ -153,7 +177,8 @@ class IndexedDatasetWriter:
             info = np.iinfo(self.dtype)
             if arr.min() < info.min or arr.max() > info.max:
                 raise ValueError(f"value out of range for {self.dtype}")
-        self._bin.write(arr.astype(self.dtype, copy=False).tobytes())
+        with self._reporting("write"):
+            self._bin.write(arr.astype(self.dtype, copy=False).tobytes())
         self._lengths.append(arr.size)
 
     def end_document(self) -> None:
@@ -164,28 +189,41 @@ class IndexedDatasetWriter:
         self.end_document()
 
     def finish(self) -> None:
-        self._bin.close()
+        self.write_index()
+        self.publish()
+
+    def write_index(self) -> None:
+        """Everything that can fail on a full disk, still under the temporary names.
+
+        A run writing several datasets calls this on each before publishing any, so a failure
+        publishes none of them.
+        """
         lengths = np.asarray(self._lengths, dtype=np.int32)
         pointers = np.zeros(len(lengths), dtype=np.int64)
         np.cumsum(lengths[:-1], dtype=np.int64, out=pointers[1:])
         pointers *= self.dtype.itemsize
-        with open(f"{self._tmp}.idx", "wb") as f:
-            f.write(MAGIC)
-            f.write(struct.pack("<QBQQ", VERSION, DTYPE_CODES[self.dtype], len(lengths), len(self._doc_ends)))
-            f.write(lengths.tobytes())
-            f.write(pointers.tobytes())
-            f.write(np.asarray(self._doc_ends, dtype=np.int64).tobytes())
+        with self._reporting("write"):
+            self._bin.flush()
+            with open(f"{self._tmp}.idx", "wb") as f:
+                f.write(MAGIC)
+                f.write(struct.pack("<QBQQ", VERSION, DTYPE_CODES[self.dtype], len(lengths), len(self._doc_ends)))
+                f.write(lengths.tobytes())
+                f.write(pointers.tobytes())
+                f.write(np.asarray(self._doc_ends, dtype=np.int64).tobytes())
+
+    def publish(self) -> None:
+        """Rename the complete files into place (after `write_index`)."""
         # .bin first: a reader checks the .idx exists only once the .bin it describes is complete.
         os.replace(f"{self._tmp}.bin", f"{self.prefix}.bin")
         os.replace(f"{self._tmp}.idx", f"{self.prefix}.idx")
+        self._bin.close()  # releases the lock, once nothing is left under the temporary names
 
     def abort(self) -> None:
-        self._bin.close()
+        with contextlib.suppress(OSError):  # on a full disk, closing fails to flush too
+            self._bin.close()
         for ext in (".bin", ".idx"):
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.remove(self._tmp + ext)
-            except FileNotFoundError:
-                pass
 
     def __enter__(self) -> "IndexedDatasetWriter":
         return self
@@ -195,3 +233,39 @@ class IndexedDatasetWriter:
             self.finish()
         else:
             self.abort()
+
+
+def remove_stale_temporaries(prefix: str | os.PathLike) -> list[str]:
+    """Remove the `<prefix>.tmp<pid>.bin/.idx` files of writers of `prefix` that were killed.
+
+    A running writer holds a lock on its .bin (released by the kernel however the process
+    ends), so only files nobody is writing are removed; other prefixes' files are never touched.
+    Returns the removed paths.
+    """
+    folder, name = os.path.split(str(prefix))
+    folder = folder or "."
+    pattern = re.compile(re.escape(name) + r"\.tmp(\d+)\.(bin|idx)")
+    stems = sorted({m.group(1) for f in os.listdir(folder) if (m := pattern.fullmatch(f))}, key=int)
+    removed = []
+    for pid in stems:
+        stem = os.path.join(folder, f"{name}.tmp{pid}")
+        # An .idx without its .bin is left by a writer killed between its two renames.
+        if _locked(f"{stem}.bin"):
+            continue
+        for ext in (".bin", ".idx"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(stem + ext)
+                removed.append(stem + ext)
+    return removed
+
+
+def _locked(path: str) -> bool:
+    """Whether a live writer holds the lock on `path` (False when there is no such file)."""
+    try:
+        with open(path, "rb") as f:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except FileNotFoundError:
+        return False
+    except BlockingIOError:
+        return True
+    return False
