@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from lib import config as config_lib
+from lib import config as config_lib, files
 from lib.errors import UserError
 from models import llama
 
@@ -304,6 +304,11 @@ def _shards(tensors: Mapping[str, torch.Tensor], max_bytes: int) -> list[dict[st
     return shards
 
 
+def _save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    files.follow_umask(path)  # safetensors writes 0600
+
+
 def save(path: str | Path, config: llama.Config, params: llama.Params,
          dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30, *,
          bos_token_id: int | None = None,
@@ -318,7 +323,7 @@ def save(path: str | Path, config: llama.Config, params: llama.Params,
     tensors = state_dict_from_params(config, params, dtype)
     dtype = dtype or tensors["model.embed_tokens.weight"].dtype
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    tmp = files.make_temp_dir(path.parent, prefix=f".{path.name}.", suffix=".partial")
     try:
         hf_config = config_to_hf(config, dtype, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
@@ -328,12 +333,12 @@ def save(path: str | Path, config: llama.Config, params: llama.Params,
 
         shards = _shards(tensors, max_shard_bytes)
         if len(shards) == 1:
-            save_file(shards[0], str(tmp / SAFETENSORS), metadata={"format": "pt"})
+            _save_safetensors(shards[0], tmp / SAFETENSORS)
         else:
             weight_map = {}
             for i, shard in enumerate(tqdm(shards, desc=f"saving {path.name}", unit="shard"), 1):
                 name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / name), metadata={"format": "pt"})
+                _save_safetensors(shard, tmp / name)
                 weight_map.update(dict.fromkeys(shard, name))
             total = sum(t.numel() * t.element_size() for t in tensors.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}

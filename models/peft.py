@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from lib import config as config_lib
+from lib import config as config_lib, files
 from lib.errors import UserError
 from models import llama
 from models.lora import Adapters, LoraConfig, Params, merge
@@ -95,7 +95,11 @@ def save(path: str | Path, lora_cfg: LoraConfig, adapters: Adapters,
     }
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    def write_weights(p: Path) -> None:
+        save_file(tensors, str(p), metadata={"format": "pt"})
+        files.follow_umask(p)  # safetensors writes 0600
+
+    _write_atomic(out / WEIGHTS_FILE, write_weights)
     _write_atomic(out / CONFIG_FILE, lambda p: p.write_text(json.dumps(hf_config, indent=2) + "\n"))
 
 
