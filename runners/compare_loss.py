@@ -34,6 +34,7 @@ def read_metric(path: str | Path, key: str) -> dict[int, float]:
     if not path.is_file():
         raise UserError(f"{path} does not exist")
     values: dict[int, float] = {}
+    lines: dict[int, int] = {}  # step -> the line that logged it
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
@@ -53,10 +54,13 @@ def read_metric(path: str | Path, key: str) -> dict[int, float]:
             if "step" not in record:
                 raise UserError(f"{path}:{lineno}: record has {key!r} but no 'step'")
             try:
-                values[int(record["step"])] = float(record[key])
+                step, value = int(record["step"]), float(record[key])
             except (TypeError, ValueError, OverflowError):
                 raise UserError(f"{path}:{lineno}: step {record['step']!r} / {key} {record[key]!r} "
                                 "are not numbers") from None
+            if step in lines:  # two runs appended to one log: which curve is meant?
+                raise UserError(f"{path}:{lineno}: step {step} already has a {key!r} on line {lines[step]}")
+            values[step], lines[step] = value, lineno
     if not values:
         raise UserError(f"{path}: no record has the key {key!r}")
     return values

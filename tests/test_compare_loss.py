@@ -48,6 +48,7 @@ def test_other_key(tmp_path):
     ("bad_json", "a.jsonl:2: not valid JSON"),
     ("no_step", "has 'loss' but no 'step'"),
     ("binary", "a.jsonl:1: not UTF-8 text (a binary file, not a metrics JSONL?)"),
+    ("repeated_step", "a.jsonl:3: step 1 already has a 'loss' on line 1"),
 ])
 def test_clear_errors(tmp_path, capsys, case, message):
     b = write_jsonl(tmp_path / "b.jsonl", [{"step": 1, "loss": 1.0}])
@@ -60,6 +61,8 @@ def test_clear_errors(tmp_path, capsys, case, message):
         a.write_text('{"step": 1, "loss": 1.0}\n{"step": 2,\n')
     elif case == "no_step":
         write_jsonl(a, [{"loss": 1.0}])
+    elif case == "repeated_step":
+        write_jsonl(a, [{"step": 1, "loss": 1.0}, {"step": 1, "val_loss": 2.0}, {"step": 1, "loss": 0.5}])
     elif case == "binary":
         a.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe")
     with pytest.raises(SystemExit) as exit_info:
