@@ -1,0 +1,257 @@
+"""The decoding loop: prompts in, generated sequences out, for any `DecodeModel`.
+
+    results = generate(model, prompts, cfg, eos_ids=[tok.eos_id], pad_id=tok.pad_id,
+                       decode_text=tok.decode)
+    results[i][j].output_ids   # prompt i, sequence j (num_return_sequences per prompt)
+
+Prompts are left-padded into one batch (the cache masks the padding, so every row gets what it
+would get alone), prefilled in one forward, then decoded one token per forward until every row
+has ended. Shapes stay static for the compiled step: a row that ended keeps its place in the
+batch (it is not worth a recompile), but it no longer costs host work (stop-string decoding,
+streaming), and the loop ends as soon as every row has.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence as Seq
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from lib.decoding import beam as beam_lib
+from lib.decoding import processors
+from lib.decoding.config import GenerateConfig
+from lib.decoding.model import DecodeModel
+from lib.decoding.stopping import DecodeText, StopStrings
+
+FinishReason = Literal["eos", "length", "stop"]
+OnToken = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Sequence:
+    """One generated sequence.
+
+    output_ids:    the new tokens only: the eos token included when generation ended on one,
+                   never padding, nothing of a stop string.
+    finish_reason: "eos" | "length" (max_new_tokens) | "stop" (a stop string).
+    score:         beam search: HF's sequence score (sum of processed log-probs / length **
+                   length_penalty); otherwise the sum of `logprobs`.
+    logprobs:      when `return_logprobs`: log_softmax of the raw logits at each output token
+                   (the model's own probability, before penalties and warpers), else None.
+    text:          with `decode_text`: the text of output_ids without a final eos token (cut
+                   exactly before a stop string), else None.
+    """
+    output_ids: list[int]
+    finish_reason: FinishReason
+    score: float
+    logprobs: list[float] | None = None
+    text: str | None = None
+
+
+def generate(model: DecodeModel, prompts: Seq[Seq[int]], cfg: GenerateConfig, *,
+             eos_ids: Seq[int] = (), pad_id: int = 0, decode_text: DecodeText | None = None,
+             on_token: OnToken | None = None) -> list[list[Sequence]]:
+    """Generate `cfg.num_return_sequences` sequences for each prompt (token ids, no padding).
+
+    eos_ids:     the tokenizer's end-of-sequence id(s), used when `cfg.eos_token_id` is None.
+    pad_id:      the id written in padding slots (masked, so any valid id works).
+    decode_text: token ids -> text; needed for `cfg.stop`, and fills `Sequence.text`.
+    on_token:    streaming: `on_token(row, token_id)` as tokens become final, where row =
+                 prompt index * num_return_sequences + sequence index; each row receives
+                 exactly its `output_ids`, in order (tokens that may start a stop string are
+                 held back until they cannot). Not with beam search (beams change until the end).
+
+    The model gets prompt tokens and `start` as CPU tensors at prefill; everything after lives
+    on the device of the logits it returns.
+    """
+    eos = _check_inputs(model, prompts, cfg, eos_ids, pad_id, decode_text, on_token)
+    stops = StopStrings(cfg.stop, decode_text) if cfg.stop else None
+    if cfg.num_beams > 1:
+        return _beam_search(model, prompts, cfg, eos, pad_id, stops, decode_text)
+    return _sample(model, prompts, cfg, eos, pad_id, stops, decode_text, on_token)
+
+
+def _check_inputs(model: DecodeModel, prompts: Seq[Seq[int]], cfg: GenerateConfig,
+                  eos_ids: Seq[int], pad_id: int, decode_text: DecodeText | None,
+                  on_token: OnToken | None) -> list[int]:
+    vocab = model.vocab_size
+    if not prompts:
+        raise ValueError("generate: no prompts")
+    for i, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError(f"prompt {i} is empty")
+        bad = next((t for t in prompt if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt {i}: token id {bad} is outside the vocabulary [0, {vocab})")
+    longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+    need = len(prompts[longest]) + cfg.max_new_tokens
+    if need > model.max_len:
+        raise ValueError(
+            f"prompt {longest} has {len(prompts[longest])} tokens: with max_new_tokens="
+            f"{cfg.max_new_tokens} it needs {need} positions, {need - model.max_len} more than the "
+            f"model's {model.max_len}")
+    eos = list(cfg.eos_ids if cfg.eos_ids is not None else eos_ids)
+    bad = [i for i in eos if not 0 <= i < vocab]
+    if bad:
+        raise ValueError(f"eos token id(s) {bad} outside the vocabulary [0, {vocab})")
+    if not 0 <= pad_id < vocab:
+        raise ValueError(f"pad id {pad_id} is outside the vocabulary [0, {vocab})")
+    if cfg.stop and decode_text is None:
+        raise ValueError(f"stop strings {list(cfg.stop)} need a tokenizer to decode the output "
+                         f"(decode_text)")
+    if on_token is not None and cfg.num_beams > 1:
+        raise ValueError("streaming needs num_beams=1: beam search reorders its beams until the end")
+    return eos
+
+
+def _left_pad(prompts: Seq[Seq[int]], copies: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each prompt `copies` times, right-aligned: tokens [rows, longest], start [rows]."""
+    longest = max(len(p) for p in prompts)
+    tokens = torch.full((len(prompts) * copies, longest), pad_id, dtype=torch.int64)
+    start = torch.empty(len(prompts) * copies, dtype=torch.int64)
+    for i, prompt in enumerate(prompts):
+        rows = slice(i * copies, (i + 1) * copies)
+        tokens[rows, longest - len(prompt):] = torch.tensor(list(prompt), dtype=torch.int64)
+        start[rows] = longest - len(prompt)
+    return tokens, start
+
+
+def _text(decode_text: DecodeText | None, ids: list[int], eos: set[int]) -> str | None:
+    if decode_text is None:
+        return None
+    return decode_text(ids[:-1] if ids and ids[-1] in eos else ids)
+
+
+@dataclass
+class _Row:
+    """A row being generated (host side)."""
+    ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    streamed: int = 0
+    result: Sequence | None = None
+
+
+def _sample(model: DecodeModel, prompts: Seq[Seq[int]], cfg: GenerateConfig, eos: list[int],
+            pad_id: int, stops: StopStrings | None, decode_text: DecodeText | None,
+            on_token: OnToken | None) -> list[list[Sequence]]:
+    """Greedy decoding and sampling; num_return_sequences copies of each prompt."""
+    n = cfg.num_return_sequences
+    prompt_tokens, start = _left_pad(prompts, n, pad_id)
+    rows, length = prompt_tokens.shape
+    cache = model.init_cache(rows, length + cfg.max_new_tokens, start)
+    logits, cache = model.forward(prompt_tokens, cache, last_only=True)
+
+    device = logits.device
+    start = start.to(device)
+    eos_t = torch.tensor(eos, dtype=torch.int64, device=device)
+    eos_set = set(eos)
+    history = torch.full((rows, length + cfg.max_new_tokens), pad_id, dtype=torch.int64,
+                         device=device)
+    history[:, :length] = prompt_tokens
+    generator = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.do_sample else None
+    out = [_Row() for _ in range(rows)]
+    active = list(range(rows))
+
+    for step in range(cfg.max_new_tokens):
+        scores = processors.process(logits, history[:, :length + step], start, step, cfg, eos_t)
+        chosen = processors.select(scores, cfg.do_sample, generator)
+        history[:, length + step] = chosen
+        ids = chosen.tolist()
+        logprobs = processors.token_logprobs(logits, chosen).tolist()
+        still = []
+        for r in active:
+            row = out[r]
+            row.ids.append(ids[r])
+            row.logprobs.append(logprobs[r])
+            hit = None
+            if ids[r] in eos_set:
+                row.result = _finish(row.ids, row.logprobs, "eos", cfg, decode_text, eos_set)
+            elif stops is not None and (hit := stops.find(row.ids)) is not None:
+                row.result = _finish(row.ids[:hit.keep], row.logprobs[:hit.keep], "stop", cfg,
+                                     None, eos_set, text=hit.text)
+            elif step + 1 == cfg.max_new_tokens:
+                row.result = _finish(row.ids, row.logprobs, "length", cfg, decode_text, eos_set)
+            else:
+                still.append(r)
+            if on_token is not None:
+                final = row.result.output_ids if row.result else row.ids
+                ready = len(final) if row.result or stops is None else stops.safe(row.ids)
+                for token in final[row.streamed:ready]:
+                    on_token(r, token)
+                row.streamed = max(row.streamed, ready)
+        active = still
+        if not active:
+            break
+        logits, cache = model.forward(chosen[:, None], cache, last_only=True)
+    return [[out[i * n + j].result for j in range(n)] for i in range(len(prompts))]
+
+
+def _finish(ids: list[int], logprobs: list[float], reason: FinishReason, cfg: GenerateConfig,
+            decode_text: DecodeText | None, eos: set[int], *, text: str | None = None,
+            score: float | None = None) -> Sequence:
+    return Sequence(
+        output_ids=list(ids), finish_reason=reason,
+        score=float(sum(logprobs)) if score is None else score,
+        logprobs=list(logprobs) if cfg.return_logprobs else None,
+        text=text if text is not None else _text(decode_text, ids, eos))
+
+
+def _beam_search(model: DecodeModel, prompts: Seq[Seq[int]], cfg: GenerateConfig,
+                 eos: list[int], pad_id: int, stops: StopStrings | None,
+                 decode_text: DecodeText | None) -> list[list[Sequence]]:
+    nb = cfg.num_beams
+    prompt_tokens, start = _left_pad(prompts, nb, pad_id)
+    rows, length = prompt_tokens.shape
+    cache = model.init_cache(rows, length + cfg.max_new_tokens, start)
+    logits, cache = model.forward(prompt_tokens, cache, last_only=True)
+
+    device = logits.device
+    start = start.to(device)
+    prompt_tokens = prompt_tokens.to(device)
+    eos_t = torch.tensor(eos, dtype=torch.int64, device=device)
+    eos_set = set(eos)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.do_sample else None
+    beams = beam_lib.init_beams(len(prompts), nb, cfg.max_new_tokens, device)
+    needs_history = cfg.repetition_penalty != 1.0 or cfg.no_repeat_ngram_size > 0
+    first_row = torch.arange(len(prompts), device=device)[:, None] * nb
+    identity = torch.arange(rows, device=device)
+
+    def stop_check(candidates: torch.Tensor) -> torch.Tensor:
+        flat = candidates.tolist()
+        return torch.tensor([[stops.find(ids) is not None for ids in prompt] for prompt in flat],
+                            device=device)
+
+    for step in range(cfg.max_new_tokens):
+        logprobs = logits.float().log_softmax(dim=-1)
+        history = torch.cat([prompt_tokens, beams.tokens.view(rows, -1)[:, :step]], dim=1) \
+            if needs_history else prompt_tokens
+        scores = processors.process(logprobs, history, start, step, cfg, eos_t)
+        beams, source, last = beam_lib.beam_step(
+            beams, scores, logprobs, step, cfg, eos_t, generator=generator,
+            stop_check=stop_check if stops is not None else None)
+        if step + 1 == cfg.max_new_tokens or bool(beam_lib.is_done(beams, cfg).all()):
+            break
+        source_rows = (first_row + source).view(-1)
+        if not torch.equal(source_rows, identity):
+            cache = model.reorder(cache, source_rows)
+        logits, cache = model.forward(last.view(rows, 1), cache, last_only=True)
+
+    results = []
+    for i in range(len(prompts)):
+        sequences = []
+        for j in range(cfg.num_return_sequences):
+            size = int(beams.done_lengths[i, j])
+            ids = beams.done_tokens[i, j, :size].tolist()
+            logprobs = beams.done_logprobs[i, j, :size].tolist()
+            score = float(beams.done_scores[i, j])
+            hit = stops.find(ids) if stops is not None and ids[-1] not in eos_set else None
+            if hit is not None:
+                sequences.append(_finish(ids[:hit.keep], logprobs[:hit.keep], "stop", cfg, None,
+                                         eos_set, text=hit.text, score=score))
+            else:
+                reason = "eos" if ids and ids[-1] in eos_set else "length"
+                sequences.append(_finish(ids, logprobs, reason, cfg, decode_text, eos_set,
+                                         score=score))
+        results.append(sequences)
+    return results
