@@ -356,7 +356,7 @@ class Runner:
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["generate.top_p=1.5"], r"generate: top_p=1.5 must be in \(0, 1\]"),
+    (["generate.top_p=1.5"], r"^generate.top_p=1.5 must be in \(0, 1\]"),
     (["generate.top_p=0"], r"top_p=0.0 must be in \(0, 1\].*ModelLink"),
     (["generate.do_sample=true", "generate.temperature=0"],
      r"temperature=0.0 must be a positive number \(for greedy decoding set do_sample=false\)"),
@@ -373,6 +373,8 @@ class Runner:
     (["generate.eos_token_id=[2, -1]"], r"eos_token_id=\(2, -1\) must hold token ids >= 0"),
     (["generate.early_stopping=sometimes"], r"generate.early_stopping: expected"),
     (["generate.stop=['']"], r"stop=\[''\] holds an empty string"),
+    (["generate.length_penalty=.nan"], r"^generate.length_penalty=nan must be a finite number"),
+    (["generate.temperature=-inf"], r"^generate.temperature=-inf must be a finite number"),
     (["generate.top_pp=0.5"], r"unknown config key 'generate.top_pp'; did you mean 'top_p'\?"),
 ])
 def test_config_errors(overrides, message):

@@ -8,10 +8,11 @@ strategy uses are reported (a warning, as HF does) when the strategy in force ig
 """
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 from typing import Literal
+
+from lib import config as config_lib
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class GenerateConfig:
             object.__setattr__(self, "stop", (self.stop,))
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        config_lib.check_finite(self)
         self._check_ranges()
         self._check_combinations()
         self._report_ignored()
@@ -50,7 +52,7 @@ class GenerateConfig:
             raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
         if self.min_new_tokens < 0:
             raise ValueError(f"min_new_tokens={self.min_new_tokens} must be >= 0")
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
+        if self.temperature <= 0:
             hint = " (for greedy decoding set do_sample=false)" if self.temperature == 0 else ""
             raise ValueError(f"temperature={self.temperature} must be a positive number{hint}")
         if self.top_k < 0:
@@ -60,14 +62,12 @@ class GenerateConfig:
                              f"(ModelLink's top_p=0 for 'off' is top_p=1 here)")
         if not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p={self.min_p} must be in [0, 1] (0 turns it off)")
-        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+        if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty={self.repetition_penalty} must be > 0 (1 turns it off)")
         if self.no_repeat_ngram_size < 0:
             raise ValueError(f"no_repeat_ngram_size={self.no_repeat_ngram_size} must be >= 0 (0 turns it off)")
         if self.num_beams < 1:
             raise ValueError(f"num_beams={self.num_beams} must be >= 1")
-        if not math.isfinite(self.length_penalty):
-            raise ValueError(f"length_penalty={self.length_penalty} must be a finite number")
         if self.num_return_sequences < 1:
             raise ValueError(f"num_return_sequences={self.num_return_sequences} must be >= 1")
         ids = self.eos_ids or ()
