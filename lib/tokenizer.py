@@ -29,6 +29,7 @@ class Tokenizer(Protocol):
     bos_id: int
     eos_id: int
     pad_id: int
+    adds_bos: bool  # whether the model's own (HF) tokenizer puts BOS before text by default
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]: ...
 
@@ -54,6 +55,7 @@ class SentencePieceTokenizer:
         # so any real id works, and eos is what HF's LLaMA recipes use.
         pad = self._sp.pad_id()
         self.pad_id = pad if pad >= 0 else self.eos_id
+        self.adds_bos = True  # HF's LlamaTokenizer: add_bos_token=True
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         return _wrap(self._sp.encode(text), self.bos_id, self.eos_id, bos, eos)
@@ -115,6 +117,7 @@ class TiktokenTokenizer:
         self.bos_id = specials["<|begin_of_text|>"]
         self.eos_id = specials["<|end_of_text|>"]
         self.pad_id = specials["<|finetune_right_pad_id|>"]
+        self.adds_bos = True  # Meta's and HF's LLaMA-3 tokenizers start text with <|begin_of_text|>
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         # Text is data: special-token strings inside it are encoded as plain text, never as controls.
@@ -170,6 +173,8 @@ class HFTokenizer:
         self.bos_id, self.eos_id = bos, eos
         pad = special("pad_token", ())
         self.pad_id = pad if pad is not None else eos
+        # The post-processor in tokenizer.json decides (LLaMA-2/3 files add BOS, others may not).
+        self.adds_bos = self._tok.encode("a").ids[:1] == [bos]
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         # add_special_tokens=False: bos/eos are placed by us, the same way for every backend.
