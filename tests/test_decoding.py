@@ -266,6 +266,20 @@ def test_sampling_distribution_equals_transformers_processors(case, tmp_path_fac
     assert (ours.softmax(-1) - logits.softmax(-1)).abs().max() > 1e-2
 
 
+def test_top_k_keeps_ties_with_the_kth_score_like_transformers():
+    # top-p after top-k runs on the k best scores alone, unless a tie at the k-th keeps more
+    scores = torch.randn(2, 64, generator=torch.Generator().manual_seed(9))
+    scores[0, 5:9] = scores[0].max() + 1      # four-way tie for the top: k=2 keeps all four
+    cfg = GenerateConfig(do_sample=True, top_k=2, top_p=0.8)
+    chain = transformers.LogitsProcessorList([transformers.TopKLogitsWarper(2),
+                                              transformers.TopPLogitsWarper(0.8)])
+    ours = processors.warp(scores, cfg)
+    expected = chain(None, scores.clone())
+    assert torch.equal(torch.isfinite(ours), torch.isfinite(expected))
+    assert torch.isfinite(ours[0]).sum() == 4
+    torch.testing.assert_close(ours.softmax(-1), expected.softmax(-1), atol=1e-6, rtol=0)
+
+
 def test_sampling_equals_transformers_with_the_same_seed_and_reproduces(tmp_path_factory):
     reference, model = family("llama2-gqa", tmp_path_factory)
     prompts = random_prompts(model.vocab_size, (5, 8), seed=5)
