@@ -360,6 +360,47 @@ def test_stop_string_spanning_tokens_cuts_the_output_and_holds_back_the_stream(t
     assert seq.output_ids == free.output_ids[:free.output_ids.index(eos) + 1] == streamed
 
 
+def test_beam_search_with_a_stop_string_equals_transformers_stopping_criteria(tmp_path_factory):
+    reference, model = family("llama2-gqa", tmp_path_factory)
+    prompts = random_prompts(model.vocab_size, (7,), seed=10)
+    new = 12
+    settings = dict(num_beams=3, num_return_sequences=3)
+    free = generate(model, prompts, GenerateConfig(max_new_tokens=new, eos_token_id=[], **settings),
+                    decode_text=two_letter_text)[0]
+    stop = free[0].text[9:12]  # straddles tokens 4 and 5 of the best beam
+
+    class StopString(transformers.StoppingCriteria):  # what HF's stop_strings does, on our "tokenizer"
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.tensor([stop in two_letter_text(row[7:].tolist()) for row in input_ids])
+
+    cfg = GenerateConfig(max_new_tokens=new, eos_token_id=[], stop=stop, **settings)
+    ours = generate(model, prompts, cfg, decode_text=two_letter_text)[0]
+    out = hf_generate(reference, prompts, do_sample=False, max_new_tokens=new, output_scores=True,
+                      stopping_criteria=transformers.StoppingCriteriaList([StopString()]), **settings)
+    assert any(s.finish_reason == "stop" for s in ours)
+    for j, seq in enumerate(ours):
+        tokens = out.new_tokens[j].tolist()
+        # HF keeps the tokens that complete the stop string (then padding); ours end before it
+        end = next((k for k in range(1, new + 1) if stop in two_letter_text(tokens[:k])), new)
+        text = two_letter_text(tokens[:end])
+        if seq.finish_reason == "stop":
+            assert seq.text == text[:text.find(stop)]
+            assert seq.output_ids == tokens[:text.find(stop) // 2]
+        else:
+            assert seq.output_ids == tokens and stop not in text
+        assert seq.score == pytest.approx(out.sequences_scores[j].item(), abs=1e-4)
+
+
+def test_streaming_rows_of_several_sequences_per_prompt(tmp_path_factory):
+    _, model = family("llama2-gqa", tmp_path_factory)
+    prompts = random_prompts(model.vocab_size, (4, 6), seed=11)
+    cfg = GenerateConfig(max_new_tokens=10, do_sample=True, num_return_sequences=2,
+                         eos_token_id=[5, 9, 17, 33, 65, 129, 257])  # some rows end early
+    streamed: dict[int, list[int]] = {}
+    out = generate(model, prompts, cfg, on_token=lambda row, t: streamed.setdefault(row, []).append(t))
+    assert streamed == {i * 2 + j: s.output_ids for i, seqs in enumerate(out) for j, s in enumerate(seqs)}
+
+
 # ---------------------------------------------------------------------------------------------
 # Errors
 
