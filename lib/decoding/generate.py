@@ -159,32 +159,43 @@ def _sample(model: DecodeModel, prompts: Seq[Seq[int]], cfg: GenerateConfig, eos
         history[:, length + step] = chosen
         ids = chosen.tolist()
         logprobs = processors.token_logprobs(logits, chosen).tolist()
-        still = []
+        last = step + 1 == cfg.max_new_tokens
         for r in active:
             row = out[r]
             row.ids.append(ids[r])
             row.logprobs.append(logprobs[r])
-            hit = None
-            if ids[r] in eos_set:
-                row.result = _finish(row.ids, row.logprobs, "eos", cfg, decode_text, eos_set)
-            elif stops is not None and (hit := stops.find(row.ids)) is not None:
-                row.result = _finish(row.ids[:hit.keep], row.logprobs[:hit.keep], "stop", cfg,
-                                     None, eos_set, text=hit.text)
-            elif step + 1 == cfg.max_new_tokens:
-                row.result = _finish(row.ids, row.logprobs, "length", cfg, decode_text, eos_set)
-            else:
-                still.append(r)
+            row.result = _ended(row, last, cfg, eos_set, stops, decode_text)
             if on_token is not None:
-                final = row.result.output_ids if row.result else row.ids
-                ready = len(final) if row.result or stops is None else stops.safe(row.ids)
-                for token in final[row.streamed:ready]:
-                    on_token(r, token)
-                row.streamed = max(row.streamed, ready)
-        active = still
+                _stream(row, r, stops, on_token)
+        active = [r for r in active if out[r].result is None]
         if not active:
             break
         logits, cache = model.forward(chosen[:, None], cache, last_only=True)
     return [[out[i * n + j].result for j in range(n)] for i in range(len(prompts))]
+
+
+def _ended(row: _Row, last: bool, cfg: GenerateConfig, eos: set[int], stops: StopStrings | None,
+           decode_text: DecodeText | None) -> Sequence | None:
+    """The row's result if its newest token ended it, else None."""
+    if row.ids[-1] in eos:
+        return _finish(row.ids, row.logprobs, "eos", cfg, decode_text, eos)
+    hit = stops.find(row.ids) if stops is not None else None
+    if hit is not None:
+        return _finish(row.ids[:hit.keep], row.logprobs[:hit.keep], "stop", cfg, None, eos,
+                       text=hit.text)
+    if last:
+        return _finish(row.ids, row.logprobs, "length", cfg, decode_text, eos)
+    return None
+
+
+def _stream(row: _Row, r: int, stops: StopStrings | None, on_token: OnToken) -> None:
+    """Hand on the row's tokens that are final: all of them once it ended, else those that
+    cannot turn out to be part of a stop string."""
+    final = row.result.output_ids if row.result is not None else row.ids
+    ready = len(final) if row.result is not None or stops is None else stops.safe(row.ids)
+    for token in final[row.streamed:ready]:
+        on_token(r, token)
+    row.streamed = max(row.streamed, ready)
 
 
 def _finish(ids: list[int], logprobs: list[float], reason: FinishReason, cfg: GenerateConfig,
@@ -195,6 +206,16 @@ def _finish(ids: list[int], logprobs: list[float], reason: FinishReason, cfg: Ge
         score=float(sum(logprobs)) if score is None else score,
         logprobs=list(logprobs) if cfg.return_logprobs else None,
         text=text if text is not None else _text(decode_text, ids, eos))
+
+
+def _beam_stop_check(stops: StopStrings | None, device: torch.device) -> beam_lib.StopCheck | None:
+    if stops is None:
+        return None
+
+    def check(candidates: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([[stops.find(ids) is not None for ids in prompt]
+                             for prompt in candidates.tolist()], device=device)
+    return check
 
 
 def _beam_search(model: DecodeModel, prompts: Seq[Seq[int]], cfg: GenerateConfig,
@@ -216,11 +237,7 @@ def _beam_search(model: DecodeModel, prompts: Seq[Seq[int]], cfg: GenerateConfig
     needs_history = cfg.repetition_penalty != 1.0 or cfg.no_repeat_ngram_size > 0
     first_row = torch.arange(len(prompts), device=device)[:, None] * nb
     identity = torch.arange(rows, device=device)
-
-    def stop_check(candidates: torch.Tensor) -> torch.Tensor:
-        flat = candidates.tolist()
-        return torch.tensor([[stops.find(ids) is not None for ids in prompt] for prompt in flat],
-                            device=device)
+    stop_check = _beam_stop_check(stops, device)
 
     for step in range(cfg.max_new_tokens):
         logprobs = logits.float().log_softmax(dim=-1)
@@ -229,7 +246,7 @@ def _beam_search(model: DecodeModel, prompts: Seq[Seq[int]], cfg: GenerateConfig
         scores = processors.process(logprobs, history, start, step, cfg, eos_t)
         beams, source, last = beam_lib.beam_step(
             beams, scores, logprobs, step, cfg, eos_t, generator=generator,
-            stop_check=stop_check if stops is not None else None)
+            stop_check=stop_check)
         if step + 1 == cfg.max_new_tokens or bool(beam_lib.is_done(beams, cfg).all()):
             break
         source_rows = (first_row + source).view(-1)
@@ -237,21 +254,21 @@ def _beam_search(model: DecodeModel, prompts: Seq[Seq[int]], cfg: GenerateConfig
             cache = model.reorder(cache, source_rows)
         logits, cache = model.forward(last.view(rows, 1), cache, last_only=True)
 
-    results = []
-    for i in range(len(prompts)):
-        sequences = []
-        for j in range(cfg.num_return_sequences):
-            size = int(beams.done_lengths[i, j])
-            ids = beams.done_tokens[i, j, :size].tolist()
-            logprobs = beams.done_logprobs[i, j, :size].tolist()
-            score = float(beams.done_scores[i, j])
-            hit = stops.find(ids) if stops is not None and ids[-1] not in eos_set else None
-            if hit is not None:
-                sequences.append(_finish(ids[:hit.keep], logprobs[:hit.keep], "stop", cfg, None,
-                                         eos_set, text=hit.text, score=score))
-            else:
-                reason = "eos" if ids and ids[-1] in eos_set else "length"
-                sequences.append(_finish(ids, logprobs, reason, cfg, decode_text, eos_set,
-                                         score=score))
-        results.append(sequences)
-    return results
+    return [[_hypothesis(beams, i, j, cfg, eos_set, stops, decode_text)
+             for j in range(cfg.num_return_sequences)] for i in range(len(prompts))]
+
+
+def _hypothesis(beams: beam_lib.Beams, i: int, j: int, cfg: GenerateConfig, eos: set[int],
+                stops: StopStrings | None, decode_text: DecodeText | None) -> Sequence:
+    """Prompt i's j-th best finished hypothesis."""
+    size = int(beams.done_lengths[i, j])
+    ids = beams.done_tokens[i, j, :size].tolist()
+    logprobs = beams.done_logprobs[i, j, :size].tolist()
+    score = float(beams.done_scores[i, j])
+    if ids and ids[-1] in eos:
+        return _finish(ids, logprobs, "eos", cfg, decode_text, eos, score=score)
+    hit = stops.find(ids) if stops is not None else None
+    if hit is not None:
+        return _finish(ids[:hit.keep], logprobs[:hit.keep], "stop", cfg, None, eos,
+                       text=hit.text, score=score)
+    return _finish(ids, logprobs, "length", cfg, decode_text, eos, score=score)
