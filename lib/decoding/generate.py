@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
 from lib.decoding import beam as beam_lib
 from lib.decoding import processors
 from lib.decoding.config import GenerateConfig
-from lib.decoding.model import DecodeModel
+from lib.decoding.model import Cache, DecodeModel
 from lib.decoding.stopping import DecodeText, StopStrings
 
 FinishReason = Literal["eos", "length", "stop"]
@@ -105,8 +106,19 @@ def _check_inputs(model: DecodeModel, prompts: Seq[Seq[int]], cfg: GenerateConfi
     return eos
 
 
-def _left_pad(prompts: Seq[Seq[int]], copies: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each prompt `copies` times, right-aligned: tokens [rows, longest], start [rows]."""
+@dataclass(frozen=True)
+class _Batch:
+    """The prefilled batch, on the device of the model's logits."""
+    tokens: torch.Tensor                # [rows, length] left-padded prompts, each `copies` times
+    start: torch.Tensor                 # [rows] first real slot of each row
+    eos: torch.Tensor                   # [n] eos ids
+    generator: torch.Generator | None   # sampling's, seeded from cfg.seed
+
+
+def _prefill(model: DecodeModel, prompts: Seq[Seq[int]], copies: int, cfg: GenerateConfig,
+             pad_id: int, eos: list[int]) -> tuple[torch.Tensor, Cache, _Batch]:
+    """Left-pad each prompt `copies` times into one batch and run it through the model:
+    (last-position logits, cache, batch)."""
     longest = max(len(p) for p in prompts)
     tokens = torch.full((len(prompts) * copies, longest), pad_id, dtype=torch.int64)
     start = torch.empty(len(prompts) * copies, dtype=torch.int64)
@@ -114,7 +126,12 @@ def _left_pad(prompts: Seq[Seq[int]], copies: int, pad_id: int) -> tuple[torch.T
         rows = slice(i * copies, (i + 1) * copies)
         tokens[rows, longest - len(prompt):] = torch.tensor(list(prompt), dtype=torch.int64)
         start[rows] = longest - len(prompt)
-    return tokens, start
+    cache = model.init_cache(tokens.shape[0], longest + cfg.max_new_tokens, start)
+    logits, cache = model.forward(tokens, cache, last_only=True)
+    device = logits.device
+    generator = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.do_sample else None
+    return logits, cache, _Batch(tokens.to(device), start.to(device),
+                                 torch.tensor(eos, dtype=torch.int64, device=device), generator)
 
 
 def _text(decode_text: DecodeText | None, ids: list[int], eos: set[int]) -> str | None:
@@ -137,25 +154,17 @@ def _sample(model: DecodeModel, prompts: Seq[Seq[int]], cfg: GenerateConfig, eos
             on_token: OnToken | None) -> list[list[Sequence]]:
     """Greedy decoding and sampling; num_return_sequences copies of each prompt."""
     n = cfg.num_return_sequences
-    prompt_tokens, start = _left_pad(prompts, n, pad_id)
-    rows, length = prompt_tokens.shape
-    cache = model.init_cache(rows, length + cfg.max_new_tokens, start)
-    logits, cache = model.forward(prompt_tokens, cache, last_only=True)
-
-    device = logits.device
-    start = start.to(device)
-    eos_t = torch.tensor(eos, dtype=torch.int64, device=device)
+    logits, cache, batch = _prefill(model, prompts, n, cfg, pad_id, eos)
+    rows, length = batch.tokens.shape
     eos_set = set(eos)
-    history = torch.full((rows, length + cfg.max_new_tokens), pad_id, dtype=torch.int64,
-                         device=device)
-    history[:, :length] = prompt_tokens
-    generator = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.do_sample else None
+    history = F.pad(batch.tokens, (0, cfg.max_new_tokens), value=pad_id)
     out = [_Row() for _ in range(rows)]
     active = list(range(rows))
 
     for step in range(cfg.max_new_tokens):
-        scores = processors.process(logits, history[:, :length + step], start, step, cfg, eos_t)
-        chosen = processors.select(scores, cfg.do_sample, generator)
+        scores = processors.process(logits, history[:, :length + step], batch.start, step, cfg,
+                                    batch.eos)
+        chosen = processors.select(scores, cfg.do_sample, batch.generator)
         history[:, length + step] = chosen
         ids = chosen.tolist()
         logprobs = processors.token_logprobs(logits, chosen).tolist()
@@ -222,17 +231,10 @@ def _beam_search(model: DecodeModel, prompts: Seq[Seq[int]], cfg: GenerateConfig
                  eos: list[int], pad_id: int, stops: StopStrings | None,
                  decode_text: DecodeText | None) -> list[list[Sequence]]:
     nb = cfg.num_beams
-    prompt_tokens, start = _left_pad(prompts, nb, pad_id)
-    rows, length = prompt_tokens.shape
-    cache = model.init_cache(rows, length + cfg.max_new_tokens, start)
-    logits, cache = model.forward(prompt_tokens, cache, last_only=True)
-
+    logits, cache, batch = _prefill(model, prompts, nb, cfg, pad_id, eos)
+    rows = batch.tokens.shape[0]
     device = logits.device
-    start = start.to(device)
-    prompt_tokens = prompt_tokens.to(device)
-    eos_t = torch.tensor(eos, dtype=torch.int64, device=device)
     eos_set = set(eos)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.do_sample else None
     beams = beam_lib.init_beams(len(prompts), nb, cfg.max_new_tokens, device)
     needs_history = cfg.repetition_penalty != 1.0 or cfg.no_repeat_ngram_size > 0
     first_row = torch.arange(len(prompts), device=device)[:, None] * nb
@@ -241,11 +243,11 @@ def _beam_search(model: DecodeModel, prompts: Seq[Seq[int]], cfg: GenerateConfig
 
     for step in range(cfg.max_new_tokens):
         logprobs = logits.float().log_softmax(dim=-1)
-        history = torch.cat([prompt_tokens, beams.tokens.view(rows, -1)[:, :step]], dim=1) \
-            if needs_history else prompt_tokens
-        scores = processors.process(logprobs, history, start, step, cfg, eos_t)
+        history = torch.cat([batch.tokens, beams.tokens.view(rows, -1)[:, :step]], dim=1) \
+            if needs_history else batch.tokens
+        scores = processors.process(logprobs, history, batch.start, step, cfg, batch.eos)
         beams, source, last = beam_lib.beam_step(
-            beams, scores, logprobs, step, cfg, eos_t, generator=generator,
+            beams, scores, logprobs, step, cfg, batch.eos, generator=batch.generator,
             stop_check=stop_check)
         if step + 1 == cfg.max_new_tokens or bool(beam_lib.is_done(beams, cfg).all()):
             break
