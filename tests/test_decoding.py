@@ -15,6 +15,7 @@ import torch
 from lib import config as config_lib
 from lib.config import ConfigError
 from lib.decoding import GenerateConfig, generate, processors
+from lib.errors import UserError
 from models import hf, llama
 from tests.helpers_hf import random_hf_model
 
@@ -399,6 +400,11 @@ def test_streaming_rows_of_several_sequences_per_prompt(tmp_path_factory):
     streamed: dict[int, list[int]] = {}
     out = generate(model, prompts, cfg, on_token=lambda row, t: streamed.setdefault(row, []).append(t))
     assert streamed == {i * 2 + j: s.output_ids for i, seqs in enumerate(out) for j, s in enumerate(seqs)}
+    # beam search hands on its sequences once they are final, at the end
+    streamed.clear()
+    cfg = GenerateConfig(max_new_tokens=6, num_beams=2, num_return_sequences=2, eos_token_id=[])
+    out = generate(model, prompts, cfg, on_token=lambda row, t: streamed.setdefault(row, []).append(t))
+    assert streamed == {i * 2 + j: s.output_ids for i, seqs in enumerate(out) for j, s in enumerate(seqs)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -450,16 +456,14 @@ def test_config_reads_hf_values_and_reports_ignored_settings():
 def test_bad_inputs_are_named(tmp_path_factory):
     _, model = family("llama2-gqa", tmp_path_factory)
     cfg = GenerateConfig(max_new_tokens=200)
-    with pytest.raises(ValueError, match=r"prompt 1 has 60 tokens: with max_new_tokens=200 it "
+    with pytest.raises(UserError, match=r"prompt 1 has 60 tokens: with max_new_tokens=200 it "
                                          r"needs 260 positions, 4 more than the model's 256"):
         generate(model, [[1, 2], [1] * 60], cfg)
-    with pytest.raises(ValueError, match=r"prompt 0: token id 512 is outside the vocabulary \[0, 512\)"):
+    with pytest.raises(UserError, match=r"prompt 0: token id 512 is outside the vocabulary \[0, 512\)"):
         generate(model, [[1, 512]], GenerateConfig())
-    with pytest.raises(ValueError, match="prompt 1 is empty"):
+    with pytest.raises(UserError, match="prompt 1 is empty"):
         generate(model, [[1], []], GenerateConfig())
-    with pytest.raises(ValueError, match=r"eos token id\(s\) \[600\] outside the vocabulary"):
+    with pytest.raises(UserError, match=r"eos token id\(s\) \[600\] outside the vocabulary"):
         generate(model, [[1]], GenerateConfig(eos_token_id=600))
-    with pytest.raises(ValueError, match="need a tokenizer"):
+    with pytest.raises(UserError, match="need a tokenizer"):
         generate(model, [[1]], GenerateConfig(stop="x"))
-    with pytest.raises(ValueError, match="streaming needs num_beams=1"):
-        generate(model, [[1]], GenerateConfig(num_beams=2), on_token=print)

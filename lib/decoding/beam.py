@@ -33,6 +33,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from lib.decoding.config import GenerateConfig
+from lib.errors import UserError
 
 NEG_INF = float("-inf")
 # (candidate tokens [prompts, K, steps so far]) -> [prompts, K] True where a stop string appeared
@@ -90,7 +91,7 @@ def beam_step(beams: Beams, scores: torch.Tensor, logprobs: torch.Tensor, step: 
     if cfg.do_sample:
         probs = total.softmax(dim=-1)
         if int((probs > 0).sum(dim=-1).min()) < k:
-            raise ValueError(
+            raise UserError(
                 f"beam sampling draws {k} candidates per step without replacement, but fewer "
                 f"tokens than that have a nonzero probability: raise top_k/top_p or lower min_p")
         index = torch.multinomial(probs, k, generator=generator)

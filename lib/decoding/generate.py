@@ -24,6 +24,7 @@ from lib.decoding import processors
 from lib.decoding.config import GenerateConfig
 from lib.decoding.model import Cache, DecodeModel
 from lib.decoding.stopping import DecodeText, StopStrings
+from lib.errors import UserError
 
 FinishReason = Literal["eos", "length", "stop"]
 OnToken = Callable[[int, int], None]
@@ -61,48 +62,51 @@ def generate(model: DecodeModel, prompts: Seq[Seq[int]], cfg: GenerateConfig, *,
     on_token:    streaming: `on_token(row, token_id)` as tokens become final, where row =
                  prompt index * num_return_sequences + sequence index; each row receives
                  exactly its `output_ids`, in order (tokens that may start a stop string are
-                 held back until they cannot). Not with beam search (beams change until the end).
+                 held back until they cannot). Beam search hands on its sequences at the
+                 end: its beams change until then.
 
     The model gets prompt tokens and `start` as CPU tensors at prefill; everything after lives
     on the device of the logits it returns.
     """
-    eos = _check_inputs(model, prompts, cfg, eos_ids, pad_id, decode_text, on_token)
+    eos = _check_inputs(model, prompts, cfg, eos_ids, pad_id, decode_text)
     stops = StopStrings(cfg.stop, decode_text) if cfg.stop else None
-    if cfg.num_beams > 1:
-        return _beam_search(model, prompts, cfg, eos, pad_id, stops, decode_text)
-    return _sample(model, prompts, cfg, eos, pad_id, stops, decode_text, on_token)
+    if cfg.num_beams == 1:
+        return _sample(model, prompts, cfg, eos, pad_id, stops, decode_text, on_token)
+    results = _beam_search(model, prompts, cfg, eos, pad_id, stops, decode_text)
+    if on_token is not None:
+        for row, seq in enumerate(s for sequences in results for s in sequences):
+            for token in seq.output_ids:
+                on_token(row, token)
+    return results
 
 
 def _check_inputs(model: DecodeModel, prompts: Seq[Seq[int]], cfg: GenerateConfig,
-                  eos_ids: Seq[int], pad_id: int, decode_text: DecodeText | None,
-                  on_token: OnToken | None) -> list[int]:
+                  eos_ids: Seq[int], pad_id: int, decode_text: DecodeText | None) -> list[int]:
     vocab = model.vocab_size
     if not prompts:
-        raise ValueError("generate: no prompts")
+        raise UserError("generate: no prompts")
     for i, prompt in enumerate(prompts):
         if len(prompt) == 0:
-            raise ValueError(f"prompt {i} is empty")
+            raise UserError(f"prompt {i} is empty")
         bad = next((t for t in prompt if not 0 <= t < vocab), None)
         if bad is not None:
-            raise ValueError(f"prompt {i}: token id {bad} is outside the vocabulary [0, {vocab})")
+            raise UserError(f"prompt {i}: token id {bad} is outside the vocabulary [0, {vocab})")
     longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
     need = len(prompts[longest]) + cfg.max_new_tokens
     if need > model.max_len:
-        raise ValueError(
+        raise UserError(
             f"prompt {longest} has {len(prompts[longest])} tokens: with max_new_tokens="
             f"{cfg.max_new_tokens} it needs {need} positions, {need - model.max_len} more than the "
             f"model's {model.max_len}")
     eos = list(cfg.eos_ids if cfg.eos_ids is not None else eos_ids)
     bad = [i for i in eos if not 0 <= i < vocab]
     if bad:
-        raise ValueError(f"eos token id(s) {bad} outside the vocabulary [0, {vocab})")
+        raise UserError(f"eos token id(s) {bad} outside the vocabulary [0, {vocab})")
     if not 0 <= pad_id < vocab:
-        raise ValueError(f"pad id {pad_id} is outside the vocabulary [0, {vocab})")
+        raise UserError(f"pad id {pad_id} is outside the vocabulary [0, {vocab})")
     if cfg.stop and decode_text is None:
-        raise ValueError(f"stop strings {list(cfg.stop)} need a tokenizer to decode the output "
+        raise UserError(f"stop strings {list(cfg.stop)} need a tokenizer to decode the output "
                          f"(decode_text)")
-    if on_token is not None and cfg.num_beams > 1:
-        raise ValueError("streaming needs num_beams=1: beam search reorders its beams until the end")
     return eos
 
 
