@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.experimental import implicit_replication
 
-from lib.constraints import use_constraint
+from lib.constraints import constrain, use_constraint
 from lib.evals.tokens import Request
 from models import llama
 from parallel import jit as jit_lib
@@ -130,6 +130,10 @@ def build_score_fn(config: llama.Config, kernels: llama.Kernels) -> Callable:
             hidden = llama.hidden_states(params, tokens, config, kernels=kernels)
             picked = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
             logits = llama.logits(params, picked, config).float()
+            if isinstance(logits, DTensor):
+                # this rank's rows with the whole vocabulary: argmax has no sharded strategy
+                logits = constrain(logits, ("batch", None, None)).to_local()
+                targets = targets.to_local()
             logprobs = logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
             return logprobs, logits.argmax(-1) == targets
     return score
@@ -182,8 +186,7 @@ class Scorer:
         t = sharding.shard_batch(_tensors(batch, self.pad_id, self.device), self.rules, self.mesh)
         with implicit_replication(), use_constraint(self._constraint):
             lp, gr = self._score(self.params, t["tokens"], t["positions"], t["targets"])
-        local = lambda x: (x.to_local() if isinstance(x, DTensor) else x).cpu()
-        return local(lp), local(gr)
+        return lp.cpu(), gr.cpu()
 
 
 def _lockstep(batches: list[Batch], shards: int) -> list[list[Batch]]:
