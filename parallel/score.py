@@ -20,7 +20,6 @@ Inputs longer than the model's context are truncated from the left exactly as HF
 """
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field

@@ -15,7 +15,6 @@ ranks (and the model over `mesh.tensor`).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -24,22 +23,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from tqdm import tqdm
 
 from lib import cli, device, evals
-from lib import checkpoint as ckpt_lib
 from lib import config as config_lib
 from lib.errors import UserError
 from lib.evals import report
 from lib.evals.doc import Doc, Scored
 from lib.evals.tokens import encode_pair
 from lib.tokenizer import Tokenizer, load_tokenizer
-from models import hf, llama, peft
-from parallel import kernels, score, sharding
+from models import checkpoints, llama
+from parallel import kernels, score, sharding, train_step
 from parallel.mesh import MeshConfig, build_mesh
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Documents scored per round: results reach samples.jsonl this often.
 CHUNK_DOCS = 512
 
@@ -106,58 +102,11 @@ class EvaluateConfig:
     out_dir: str = "runs/eval"
 
 
-# ---------------------------------------------------------------------------------------------
-# The model and its tokenizer
-
-
-def load_model(source: str, adapter: str | None, dtype: torch.dtype,
-               dev: torch.device) -> tuple[llama.Config, llama.Params, dict]:
-    """(config, params, the native checkpoint's recorded run config or {})."""
-    if ckpt_lib.is_native_checkpoint(source):
-        from runners import convert  # the reader of a checkpoint's recorded config
-        extra = convert._read_extra(Path(source))
-        config = convert._model_config_from_extra(extra, source)
-        ckpt = ckpt_lib.Checkpointer(ckpt_lib.CheckpointConfig(load=source, finetune=True))
-        try:
-            target = {"params": llama.init(config, device="meta")}
-            target = {"params": {k: v for k, v in _empty(target["params"], dtype).items()}}
-            params = ckpt.restore(target)[0]["params"]
-        finally:
-            ckpt.close()
-        recorded = extra.get("config", {}) if isinstance(extra.get("config"), dict) else {}
-    elif Path(source, "config.json").is_file():
-        config, params = hf.load(source, dtype=dtype)
-        recorded = {}
-    else:
-        raise UserError(f"checkpoint.load={source}: neither an HF model directory (config.json) "
-                        "nor a native checkpoint")
-    if adapter is not None:
-        config, params = peft.merge_adapters(config, params, [adapter])
-    params = pytree_to(params, dtype, dev)
-    return config, params, recorded
-
-
-def _empty(tree, dtype):
-    if isinstance(tree, dict):
-        return {k: _empty(v, dtype) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [_empty(v, dtype) for v in tree]
-    return torch.empty(tree.shape, dtype=dtype)
-
-
-def pytree_to(params, dtype: torch.dtype, dev: torch.device):
-    from lib import pytree
-    return pytree.tree_map(lambda t: t.to(device=dev, dtype=dtype), params)
-
-
-def find_tokenizer(cfg: EvaluateConfig, recorded: dict) -> Tokenizer:
-    path = cfg.data.tokenizer
-    if path is None and cfg.checkpoint.load and Path(cfg.checkpoint.load, "config.json").is_file():
-        path = cfg.checkpoint.load
+def load_tokenizer_for(cfg: EvaluateConfig) -> Tokenizer:
+    """`data.tokenizer`, else the one that goes with the model (models.checkpoints.find_tokenizer)."""
+    path = cfg.data.tokenizer or checkpoints.find_tokenizer(cfg.checkpoint.load, cfg.lora.adapter)
     if path is None:
-        path = (recorded.get("data") or {}).get("tokenizer")
-    if path is None:
-        raise UserError(f"no tokenizer found for {cfg.checkpoint.load}: set data.tokenizer=<file>")
+        raise UserError(f"no tokenizer found with {cfg.checkpoint.load}: set data.tokenizer=<file>")
     return load_tokenizer(path)
 
 
@@ -227,10 +176,11 @@ def main(argv: Sequence[str]) -> int:
     rules = sharding.logical_axis_rules(cfg.logical_axis_rules, mesh)
     docs = task_docs(cfg.eval)  # read (and checked) before the model is loaded
 
-    dtype = DTYPES[cfg.eval.dtype]
-    model, params, recorded = load_model(cfg.checkpoint.load, cfg.lora.adapter, dtype,
-                                         dev.torch_device)
-    tok = find_tokenizer(cfg, recorded)
+    # Adapters merged: scoring never trains them, and the merged weights cost nothing extra.
+    model, params, _ = checkpoints.load_pretrained(
+        cfg.checkpoint.load, dtype=train_step.DTYPES[cfg.eval.dtype], device=dev.torch_device,
+        adapter=cfg.lora.adapter, merge_adapter=True)
+    tok = load_tokenizer_for(cfg)
     if tok.vocab_size > model.vocab_size:
         raise UserError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocabulary "
                         f"is {model.vocab_size}: they do not belong together")

@@ -188,3 +188,11 @@ def test_unknown_task_in_the_config():
 def test_no_model_given(tmp_path):
     with pytest.raises(UserError, match="set checkpoint.load="):
         evaluate.main([f"out_dir={tmp_path}"])
+
+
+def test_a_native_checkpoint_scores_like_its_hf_directory(model_dir, tmp_path):
+    from runners import convert
+    convert.hf_to_native(model_dir, tmp_path / "native", None)
+    hf_run = _run(model_dir, tmp_path / "hf", "eval.tasks=[boolq]")
+    native_run = _run(tmp_path / "native", tmp_path / "out", "eval.tasks=[boolq]")  # tokenizer found via its origin
+    assert [s["loglikelihoods"] for s in native_run] == [s["loglikelihoods"] for s in hf_run]
