@@ -96,10 +96,10 @@ def build_datasets(cfg: DataConfig, num_samples: dict[str, int], max_seq_len: in
         cache = cfg.cache_dir
         if kinds[path] == "text":
             data = IndexedDataset(path)
-            rng = split_ranges(data.num_documents, cfg.split)[split]
+            rng = split_ranges(len(data), cfg.split)[split]  # megatron-core splits sequences
             if rng[1] <= rng[0]:
                 raise UserError(f"{path}: split {cfg.split!r} leaves the {split} set no documents "
-                                f"(of {data.num_documents}); change data.split or ask for no {split} samples")
+                                f"(of {len(data)} sequences); change data.split or ask for no {split} samples")
             return GPTDataset(data, rng, n, cfg.seq_len, cfg.seed, cache, name=split)
         ids, _ = open_sft_pair(path)
         rng = split_ranges(ids.num_documents, cfg.split)[split]
@@ -112,7 +112,7 @@ def build_datasets(cfg: DataConfig, num_samples: dict[str, int], max_seq_len: in
     for split, n in num_samples.items():
         if n <= 0:
             continue
-        if len(cfg.paths) == 1:
+        if len(cfg.paths) == 1 and cfg.weights is None:  # with a weight, megatron-core blends even one path
             out[split] = one(cfg.paths[0], split, n)
             continue
         parts = [one(p, split, m) for p, m in zip(cfg.paths, samples_per_dataset(weights, n))]

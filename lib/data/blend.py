@@ -1,8 +1,12 @@
-"""Weighted blending of several datasets, choosing each sample's source the way Megatron does.
+"""Weighted blending of several datasets, as megatron-core's BlendedMegatronDatasetBuilder does.
 
 Sample i goes to the dataset that is furthest behind its share: argmax_d(w_d * max(i, 1) - n_d),
 where n_d counts the samples dataset d gave so far. Every prefix of the blend then matches the
 weights to within one sample per dataset, unlike sampling sources at random.
+
+Each dataset is built for its share of the blend plus a 0.5% surplus (`samples_per_dataset`);
+how many samples a dataset is built for decides its epochs and so its order, so this count, the
+weights' normalisation and the choice above all follow megatron-core (>= 0.12) to the last bit.
 """
 from __future__ import annotations
 
@@ -14,7 +18,14 @@ import numpy as np
 from lib.data.cache import cached_arrays
 from lib.errors import UserError
 
-BLEND_VERSION = 1
+BLEND_VERSION = 2  # bump when the blending indices change, to invalidate old caches
+SURPLUS = 0.005  # megatron-core's mid_level_dataset_surplus (its default)
+
+
+def _normalize(weights: Sequence[float]) -> list[float]:
+    """megatron-core's normalize: numpy's sum (pairwise from 8 weights on), then one division."""
+    w = np.array(weights, dtype=np.float64)
+    return (w / np.sum(w)).tolist()
 
 
 def normalize_weights(weights: Sequence[float] | None, num_paths: int) -> list[float]:
@@ -25,7 +36,7 @@ def normalize_weights(weights: Sequence[float] | None, num_paths: int) -> list[f
         raise UserError(f"data weights: {len(weights)} weights for {num_paths} paths; give one weight per path")
     if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
         raise UserError(f"data weights {weights}: need non-negative numbers with a positive sum")
-    return [w / sum(weights) for w in weights]
+    return _normalize(weights)
 
 
 def build_blending_indices(weights: Sequence[float], size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -50,14 +61,20 @@ def build_blending_indices(weights: Sequence[float], size: int) -> tuple[np.ndar
 
 
 def samples_per_dataset(weights: Sequence[float], size: int) -> list[int]:
-    """How many samples to ask each dataset for: its share plus 0.5% slack, as Megatron does."""
-    return [int(math.ceil(w * size * 1.005)) for w in weights]
+    """How many samples to build of each dataset for `size` blended ones: its share rounded up, plus
+    0.5%, rounded up again, as megatron-core (>= 0.12) asks. (Older releases asked for
+    ceil(w * size * 1.005): for w = 0.25 and size = 10, 3 samples instead of 4.)"""
+    return [int(math.ceil(math.ceil(size * w) * (1 + SURPLUS))) for w in weights]
 
 
 class BlendedDataset:
+    """`size` samples drawn from `datasets` in proportion to `weights` (normalised here once more,
+    as megatron-core's BlendedDataset does with the builder's already normalised weights)."""
+
     def __init__(self, datasets: Sequence, weights: Sequence[float], size: int, cache_dir: str, key: dict):
         self.datasets = list(datasets)
         self.size = size
+        weights = _normalize(weights)
 
         def build() -> dict[str, np.ndarray]:
             ds, ss = build_blending_indices(weights, size)

@@ -1,16 +1,22 @@
-"""Fixed-length pretraining samples over an indexed dataset, built the way Megatron's GPTDataset is.
+"""Fixed-length pretraining samples over an indexed dataset, built as megatron-core's GPTDataset is.
 
-Three index arrays, all numpy-vectorised and cached on disk:
+megatron-core's GPTDataset works on the `.idx` file's *sequences*, not its documents: it counts,
+splits and shuffles sequences, and what it calls the document index holds sequence ids. Most data
+has one sequence per document, so the two agree; in `--split-sentences` output every sentence is a
+sequence, and each is then split and shuffled on its own, there as here.
 
-- document index: the split's document ids repeated for as many epochs as the requested samples
-  need, shuffled with the seed;
-- sample index: `(position in document index, token offset)` where each sample starts. Sample i
-  covers `seq_len + 1` tokens of the concatenated stream (it may span documents) and shares its
-  last token with the next sample's first, so labels are the tokens shifted by one;
-- shuffle index: a seeded permutation of the samples.
+Three index arrays, numpy-vectorised and cached on disk, with megatron-core's values and dtypes:
 
-Same algorithm, random stream and dtypes as Megatron-LM's GPTDataset (checked against its code),
-so one seed gives one sample order in both.
+- document index (int32): the split's sequence ids repeated for as many epochs as the requested
+  samples need, shuffled with the seed;
+- sample index ([samples + 1, 2], int32; int64 once the document index passes 2**31 - 1 entries):
+  `(position in document index, token offset)` where each sample starts. Sample i covers
+  `seq_len + 1` tokens of the concatenated stream (it may span sequences) and shares its last
+  token with the next sample's first, so labels are the tokens shifted by one;
+- shuffle index (uint32; int64 from 2**32 - 2 samples): a seeded permutation of the samples.
+
+So one seed gives one sample order in both: bench/megatron_parity.py compares them sample by
+sample with megatron-core itself, and tests/test_data_megatron.py with its recorded outputs.
 """
 from __future__ import annotations
 
@@ -24,7 +30,9 @@ from lib.data.cache import cached_arrays
 from lib.data.indexed import IndexedDataset
 from lib.errors import UserError
 
-INDEX_VERSION = 2  # bump when the index construction changes, to invalidate old caches
+# Bump when the index construction changes, to invalidate old caches. 3: sequences (not documents)
+# are split and shuffled, splits are cut at rounded cumulative fractions, the sample index is int32.
+INDEX_VERSION = 3
 SPLITS = ("train", "valid", "test")
 
 
@@ -34,20 +42,23 @@ def parse_split(split: str) -> list[float]:
         parts = [float(p) for p in split.replace("/", ",").split(",")]
     except ValueError:
         raise UserError(f"split {split!r}: expected comma-separated numbers like '969,30,1'") from None
-    if len(parts) > 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
+    if len(parts) > 3 or not all(math.isfinite(p) and p >= 0 for p in parts) or sum(parts) <= 0:
         raise UserError(f"split {split!r}: expected up to three non-negative numbers with a positive sum")
     parts += [0.0] * (3 - len(parts))
-    return [p / sum(parts) for p in parts]
+    shares = np.array(parts, dtype=np.float64)
+    return (shares / np.sum(shares)).tolist()  # numpy's sum, as megatron-core's normalize
 
 
-def split_ranges(num_documents: int, split: str) -> dict[str, tuple[int, int]]:
-    """Document ranges [lo, hi) of train/valid/test, rounded as Megatron does."""
-    bounds = [0]
-    for w in parse_split(split):
-        bounds.append(bounds[-1] + int(round(w * num_documents)))
-    excess = bounds[-1] - num_documents
-    bounds = [bounds[0]] + [b - excess for b in bounds[1:]]
-    return {name: (bounds[i], bounds[i + 1]) for i, name in enumerate(SPLITS)}
+def split_ranges(num_elements: int, split: str) -> dict[str, tuple[int, int]]:
+    """Ranges [lo, hi) of train/valid/test over `num_elements` (sequences for GPTDataset), cut as
+    megatron-core cuts them: each boundary is its cumulative share times the count, rounded
+    (969,30,1 of 520 gives train [0, 504); rounding each share and trimming the excess would give
+    [0, 503))."""
+    bounds = [0.0]
+    for share in parse_split(split):
+        bounds.append(bounds[-1] + share)
+    cuts = [int(round(b * float(num_elements))) for b in bounds]
+    return {name: (cuts[i], cuts[i + 1]) for i, name in enumerate(SPLITS)}
 
 
 def num_epochs_needed(tokens_per_epoch: int, seq_len: int, num_samples: int) -> int:
@@ -63,10 +74,12 @@ def build_document_index(documents: np.ndarray, num_epochs: int, rng: np.random.
 
 
 def build_sample_index(lengths_in_order: np.ndarray, seq_len: int, num_samples: int) -> np.ndarray:
-    """[num_samples + 1, 2] int64 of (document-index position, offset) where each sample starts.
+    """[num_samples + 1, 2] (document-index position, offset) where each sample starts.
 
     Sample i spans stream tokens [i * seq_len, (i + 1) * seq_len]; a start is located by binary
-    search in the cumulative document ends, skipping empty documents.
+    search in the cumulative sequence ends, which skips empty sequences as megatron-core's
+    sequence-at-a-time walk does. Its dtype is megatron-core's: int32 unless the document index
+    is too long for it (offsets always fit: sequence lengths are int32 in the .idx).
     """
     ends = np.cumsum(lengths_in_order, dtype=np.int64)
     starts = np.arange(num_samples + 1, dtype=np.int64) * seq_len
@@ -74,7 +87,9 @@ def build_sample_index(lengths_in_order: np.ndarray, seq_len: int, num_samples: 
         raise ValueError("not enough tokens for the requested samples")
     doc = np.searchsorted(ends, starts, side="right")
     offset = starts - (ends[doc] - lengths_in_order[doc])
-    return np.stack([doc, offset], axis=1)
+    doc[0] = 0  # the walk starts at (0, 0) even on an empty first sequence: same tokens, same array
+    dtype = np.int32 if len(lengths_in_order) <= np.iinfo(np.int32).max else np.int64
+    return np.stack([doc, offset], axis=1).astype(dtype)
 
 
 def build_shuffle_index(num_shuffled: int, total: int, rng: np.random.RandomState) -> np.ndarray:
@@ -89,15 +104,15 @@ def build_shuffle_index(num_shuffled: int, total: int, rng: np.random.RandomStat
     return np.concatenate([first, last])
 
 
-def build_indices(doc_ids: np.ndarray, doc_lengths: np.ndarray, num_samples: int, seq_len: int,
+def build_indices(sequence_ids: np.ndarray, sequence_lengths: np.ndarray, num_samples: int, seq_len: int,
                   seed: int) -> dict[str, np.ndarray]:
-    """Document, sample and shuffle indices; for the same inputs and seed, the arrays Megatron's
-    GPTDataset builds (one document = one sequence, as in text data).
+    """Document, sample and shuffle indices over `sequence_ids` (`sequence_lengths` is indexed by
+    id); for the same inputs and seed, the arrays megatron-core's GPTDataset builds.
 
     When the last epoch is needed for fewer than 80% of its samples, it is shuffled apart from the
-    others, so the samples actually used are not biased towards a partial epoch's documents.
+    others, so the samples actually used are not biased towards a partial epoch's sequences.
     """
-    tokens_per_epoch = int(doc_lengths[doc_ids].sum())
+    tokens_per_epoch = int(sequence_lengths[sequence_ids].sum(dtype=np.int64))
     epochs = num_epochs_needed(tokens_per_epoch, seq_len, num_samples)
     total = (epochs * tokens_per_epoch - 1) // seq_len
     separate_final = False
@@ -107,11 +122,11 @@ def build_indices(doc_ids: np.ndarray, doc_lengths: np.ndarray, num_samples: int
         separate_final = num_samples - before_final < int(0.8 * per_epoch)
     rng = np.random.RandomState(seed)
     if separate_final:
-        doc_index = np.concatenate([build_document_index(doc_ids, epochs - 1, rng),
-                                    build_document_index(doc_ids, 1, rng)])
+        doc_index = np.concatenate([build_document_index(sequence_ids, epochs - 1, rng),
+                                    build_document_index(sequence_ids, 1, rng)])
     else:
-        doc_index = build_document_index(doc_ids, epochs, rng)
-    sample_index = build_sample_index(doc_lengths[doc_index], seq_len, total)
+        doc_index = build_document_index(sequence_ids, epochs, rng)
+    sample_index = build_sample_index(sequence_lengths[doc_index], seq_len, total)
     shuffle_index = build_shuffle_index(before_final if separate_final else total, total, rng)
     return {"doc": doc_index, "sample": sample_index, "shuffle": shuffle_index}
 
@@ -128,24 +143,24 @@ def _file_key(prefix: str) -> dict:
 class GPTDataset:
     """`ds[i]` -> {"tokens": int64[seq_len], "labels": int64[seq_len]} for i < num_samples.
 
-    The indices cover whole epochs; only the first `num_samples` of the shuffle are exposed,
-    which are the ones Megatron trains on.
+    `sequences` is the split's range of the .idx's sequences (see `split_ranges`). The indices
+    cover whole epochs; only the first `num_samples` of the shuffle are exposed, which are the
+    ones megatron-core trains on.
     """
 
-    def __init__(self, data: IndexedDataset, documents: tuple[int, int], num_samples: int, seq_len: int,
+    def __init__(self, data: IndexedDataset, sequences: tuple[int, int], num_samples: int, seq_len: int,
                  seed: int, cache_dir: str | None = None, name: str = "train"):
         self.data, self.seq_len, self.num_samples = data, seq_len, num_samples
-        lo, hi = documents
-        doc_ids = np.arange(lo, hi, dtype=np.int64)
-        doc_lengths = data.document_lengths()
-        tokens_per_epoch = int(doc_lengths[lo:hi].sum())
+        lo, hi = sequences
+        tokens_per_epoch = int(data.sequence_lengths[lo:hi].sum(dtype=np.int64))
         if tokens_per_epoch < 2:
-            raise UserError(f"{data.prefix}: the {name} split (documents {lo}..{hi}) holds {tokens_per_epoch} "
+            raise UserError(f"{data.prefix}: the {name} split (sequences {lo}..{hi}) holds {tokens_per_epoch} "
                             "tokens, too few to make a sample")
-        key = {"v": INDEX_VERSION, "file": _file_key(data.prefix), "documents": [lo, hi],
+        key = {"v": INDEX_VERSION, "file": _file_key(data.prefix), "sequences": [lo, hi],
                "num_samples": num_samples, "seq_len": seq_len, "seed": seed}
+        ids = np.arange(lo, hi, dtype=np.int32)
         arrays = cached_arrays(cache_dir or default_cache_dir(data.prefix), f"gpt-{name}", key,
-                               lambda: build_indices(doc_ids, doc_lengths, num_samples, seq_len, seed))
+                               lambda: build_indices(ids, data.sequence_lengths, num_samples, seq_len, seed))
         self.doc_index, self.sample_index, self.shuffle_index = arrays["doc"], arrays["sample"], arrays["shuffle"]
 
     def __len__(self) -> int:
@@ -158,11 +173,12 @@ class GPTDataset:
         j = int(self.shuffle_index[i])
         (d0, o0), (d1, o1) = self.sample_index[j], self.sample_index[j + 1]
         d0, o0, d1, o1 = int(d0), int(o0), int(d1), int(o1)
+        seq = self.doc_index
         if d0 == d1:
-            return np.asarray(self.data.document_span(int(self.doc_index[d0]), o0, o1 - o0 + 1), dtype=np.int64)
-        parts = [self.data.document_span(int(self.doc_index[d0]), o0)]
-        parts += [self.data.document_span(int(self.doc_index[d])) for d in range(d0 + 1, d1)]
-        parts.append(self.data.document_span(int(self.doc_index[d1]), 0, o1 + 1))
+            return np.asarray(self.data.get(int(seq[d0]), o0, o1 - o0 + 1), dtype=np.int64)
+        parts = [self.data.get(int(seq[d0]), o0)]
+        parts += [self.data.get(int(seq[d])) for d in range(d0 + 1, d1)]
+        parts.append(self.data.get(int(seq[d1]), 0, o1 + 1))
         return np.concatenate(parts).astype(np.int64)
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
