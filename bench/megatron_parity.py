@@ -4,7 +4,7 @@ megatron-core is a test-only reference, never a dependency: run this with a Pyth
 not with the project's venv (our lib is imported from this checkout):
 
     python3 -m venv /tmp/megatron
-    /tmp/megatron/bin/pip install torch==2.13.0 megatron-core==0.16.1 pyyaml
+    /tmp/megatron/bin/pip install torch==2.13.0 megatron-core==0.16.1 pyyaml tqdm  # pyyaml, tqdm: our lib
     /tmp/megatron/bin/python bench/megatron_parity.py                   # compare, exit 1 on a difference
     /tmp/megatron/bin/python bench/megatron_parity.py --write-fixtures  # and rewrite tests/data/megatron_*.npz
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import tempfile
 import warnings
@@ -39,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from lib.data import DataConfig, build_datasets  # noqa: E402
-from lib.data.blend import BlendedDataset, samples_per_dataset  # noqa: E402
+from lib.data.blend import BlendedDataset  # noqa: E402
 from lib.data.gpt_dataset import SPLITS, parse_split, split_ranges  # noqa: E402
 from lib.data.indexed import IndexedDataset, IndexedDatasetWriter  # noqa: E402
 
@@ -93,12 +94,13 @@ def named_cases() -> list[Case]:
     n_blend = 10
     # The blend's size is chosen where megatron-core's per-dataset count differs from the older
     # ceil(w * n * 1.005), so the case would catch the old formula.
-    assert samples_per_dataset(blend_weights, n_blend) != [int(np.ceil(w * n_blend * 1.005)) for w in blend_weights]
+    assert ([math.ceil(math.ceil(n_blend * w) * 1.005) for w in blend_weights]
+            != [math.ceil(n_blend * w * 1.005) for w in blend_weights])
     return [
         Case("ordinary", (random_layout(rng, 40, 30),), (60, 0, 0), fixture=True),
         Case("multi-epoch", (random_layout(rng, 12, 20),), (75, 0, 0), seq_len=8, seed=7, fixture=True),
         Case("multi-epoch-last-kept", (random_layout(rng, 12, 20),), (110, 0, 0), seq_len=8, seed=7),
-        Case("split", (random_layout(rng, 520, 6, empty_share=0.0),), (150, 20, 2), split="969,30,1",
+        Case("split", (random_layout(rng, 520, 6, empty_share=0.0),), (40, 10, 2), split="969,30,1",
              seq_len=8, fixture=True),
         Case("blended", tuple(random_layout(rng, 25, 12, base=1000 * (i + 1)) for i in range(3)),
              (n_blend, 6, 3), split="80,15,5", weights=(2.5, 3.5, 4.0), seq_len=8, seed=5, fixture=True),
@@ -171,86 +173,105 @@ def _window(sample: dict) -> np.ndarray:
 
 
 def _gpt_arrays(ds) -> dict[str, np.ndarray]:
-    if hasattr(ds, "document_index"):  # megatron-core
+    if hasattr(ds, "document_index"):  # megatron-core's
         return {"doc": ds.document_index, "sample": ds.sample_index, "shuffle": ds.shuffle_index}
     return {"doc": ds.doc_index, "sample": ds.sample_index, "shuffle": ds.shuffle_index}
+
+
+def _is_blend(ds) -> bool:
+    return hasattr(ds, "dataset_index")
+
+
+def megatron_record(theirs, n: int) -> dict[str, np.ndarray]:
+    """What megatron-core gives for a split of n samples: the samples (tokens + last label), and its
+    index arrays, or for a blend its dataset / dataset-sample indices and per-dataset sample counts."""
+    record = {"samples": np.stack([_window(theirs[i]) for i in range(n)])}
+    if _is_blend(theirs):
+        record["dataset_index"] = np.asarray(theirs.dataset_index[:n])
+        record["dataset_sample_index"] = np.asarray(theirs.dataset_sample_index[:n])
+        record["num_samples"] = np.array([d.num_samples for d in theirs.datasets])
+    else:
+        record.update({k: np.asarray(v) for k, v in _gpt_arrays(theirs).items()})
+    return record
 
 
 def _same(a: np.ndarray, b: np.ndarray) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
 
 
-def compare_split(name: str, theirs, ours, n: int, num_sequences: list[int], split: str) -> tuple[list[str], dict]:
-    """Differences (empty when identical) and megatron-core's arrays for a fixture."""
-    problems, record = [], {}
+def compare_split(name: str, record: dict, theirs, ours, num_sequences: list[int], split: str) -> list[str]:
+    """How ours differs from megatron-core's `record` and datasets `theirs` (empty: identical)."""
+    expected = record["samples"]
+    n = len(expected)
     if len(ours) != n:
-        problems.append(f"{name}: {len(ours)} samples here, {n} asked")
-    samples = np.stack([_window(theirs[i]) for i in range(n)])
-    record["samples"] = samples
-    mine = np.stack([_window(ours[i]) for i in range(min(n, len(ours)))])
-    differ = [i for i in range(len(mine)) if not np.array_equal(samples[i], mine[i])]
-    if differ:
-        problems.append(f"{name}: {len(differ)} of {n} samples differ, first {differ[0]}: "
-                        f"megatron-core {samples[differ[0]].tolist()} vs ours {mine[differ[0]].tolist()}")
-    blended = isinstance(ours, BlendedDataset)
-    pairs = list(zip(theirs.datasets, ours.datasets)) if blended else [(theirs, ours)]
-    if blended:
-        ids = np.asarray(theirs.dataset_index[:n])
-        record["dataset_index"], record["dataset_sample_index"] = ids, np.asarray(theirs.dataset_sample_index[:n])
-        record["num_samples"] = np.array([t.num_samples for t, _ in pairs])
-        if [t.num_samples for t, _ in pairs] != [o.num_samples for _, o in pairs]:
-            problems.append(f"{name}: samples built per dataset {[t.num_samples for t, _ in pairs]} "
+        return [f"{name}: {len(ours)} samples here, {n} asked"]
+    problems = []
+    mine = np.stack([_window(ours[i]) for i in range(n)])
+    differ = np.flatnonzero((mine != expected).any(axis=1))
+    if len(differ):
+        i = differ[0]
+        problems.append(f"{name}: {len(differ)} of {n} samples differ, first {i}: "
+                        f"megatron-core {expected[i].tolist()} vs ours {mine[i].tolist()}")
+    if _is_blend(theirs) != isinstance(ours, BlendedDataset):
+        return problems + [f"{name}: megatron-core built a {type(theirs).__name__}, we a {type(ours).__name__}"]
+    pairs = list(zip(theirs.datasets, ours.datasets)) if _is_blend(theirs) else [(theirs, ours)]
+    if _is_blend(theirs):
+        if record["num_samples"].tolist() != [o.num_samples for _, o in pairs]:
+            problems.append(f"{name}: samples built per dataset {record['num_samples'].tolist()} "
                             f"vs ours {[o.num_samples for _, o in pairs]}")
-        for key, mine_arr in (("dataset_index", ours.dataset_index), ("dataset_sample_index", ours.dataset_sample_index)):
-            if not _same(record[key], np.asarray(mine_arr)):
+        for key in ("dataset_index", "dataset_sample_index"):
+            if not _same(record[key], np.asarray(getattr(ours, key))):
                 problems.append(f"{name}: {key} differs")
-        if any(int(theirs[i]["dataset_id"]) != int(ids[i]) for i in range(n)):
-            problems.append(f"{name}: dataset_id of a sample disagrees with megatron-core's own dataset index")
     for d, ((t, o), count) in enumerate(zip(pairs, num_sequences)):
         lo, hi = split_ranges(count, split)[name]
         if (int(t.indices[0]), int(t.indices[-1]) + 1) != (lo, hi):
             problems.append(f"{name}: dataset {d} sequences [{t.indices[0]}, {t.indices[-1] + 1}) vs ours [{lo}, {hi})")
         t_arrays, o_arrays = _gpt_arrays(t), _gpt_arrays(o)
-        for key in t_arrays:
-            if not _same(np.asarray(t_arrays[key]), np.asarray(o_arrays[key])):
-                problems.append(f"{name}: dataset {d} {key} index differs (megatron-core {t_arrays[key].dtype}"
-                                f"{list(t_arrays[key].shape)}, ours {o_arrays[key].dtype}{list(o_arrays[key].shape)})")
-            if not blended:
-                record[key] = np.asarray(t_arrays[key])
-    return problems, record
+        for key, a in t_arrays.items():
+            b = o_arrays[key]
+            if not _same(np.asarray(a), np.asarray(b)):
+                problems.append(f"{name}: dataset {d} {key} index differs "
+                                f"(megatron-core {a.dtype}{list(a.shape)}, ours {b.dtype}{list(b.shape)})")
+    return problems
+
+
+def asked_sizes(case: Case) -> list[int]:
+    """Samples asked per split; none for a split without a share (megatron-core builds none, ours
+    refuses samples for it)."""
+    return [n if share > 0 else 0 for n, share in zip(case.sizes, parse_split(case.split))]
 
 
 def run_case(case: Case, tmp: Path) -> tuple[list[str], dict]:
+    """Differences, and megatron-core's outputs keyed `<split>.<array>`."""
+    if not _splits_hold_tokens(case.datasets, case.split):
+        raise ValueError(f"{case.name}: a split with a share holds under two tokens")
     prefixes = []
     for i, layout in enumerate(case.datasets):
         prefix = str(tmp / case.name / f"d{i}_text_document")
         write_layout(prefix, layout)
         prefixes.append(prefix)
     num_sequences = [len(IndexedDataset(p)) for p in prefixes]
-    if not _splits_hold_tokens(case.datasets, case.split):
-        raise ValueError(f"{case.name}: a split with a share holds under two tokens")
-    # a split without a share: megatron-core builds none, ours refuses samples for it
-    sizes = [n if share > 0 else 0 for n, share in zip(case.sizes, parse_split(case.split))]
+    sizes = asked_sizes(case)
     theirs = megatron_datasets(case, prefixes, sizes, str(tmp / case.name / "megatron-cache"))
     cfg = DataConfig(paths=tuple(prefixes), weights=case.weights, split=case.split, seq_len=case.seq_len,
                      seed=case.seed, cache_dir=str(tmp / case.name / "our-cache"))
     ours = build_datasets(cfg, dict(zip(SPLITS, sizes)))
-    problems, record = [], {}
+    problems, records = [], {}
     for i, name in enumerate(SPLITS):
         if sizes[i]:
-            p, r = compare_split(name, theirs[i], ours[name], sizes[i], num_sequences, case.split)
-            problems += p
-            record.update({f"{name}.{k}": v for k, v in r.items()})
-    return problems, record
+            record = megatron_record(theirs[i], sizes[i])
+            problems += compare_split(name, record, theirs[i], ours[name], num_sequences, case.split)
+            records.update({f"{name}.{k}": v for k, v in record.items()})
+    return problems, records
 
 
-def write_fixture(case: Case, record: dict) -> Path:
+def write_fixture(case: Case, records: dict) -> Path:
     arrays = {"case": np.array(json.dumps({k: v for k, v in asdict(case).items() if k != "datasets"}))}
     for i, layout in enumerate(case.datasets):
         arrays[f"data{i}.sequence_lengths"] = np.array(layout.sequence_lengths, dtype=np.int32)
         arrays[f"data{i}.document_indices"] = np.array(layout.document_indices, dtype=np.int64)
         arrays[f"data{i}.base"] = np.array(layout.base)
-    arrays.update(record)
+    arrays.update(records)
     path = FIXTURES / f"megatron_{case.name.replace('-', '_')}.npz"
     FIXTURES.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(path, **arrays)
@@ -275,8 +296,8 @@ def main() -> int:
         torch.distributed.init_process_group("gloo", init_method=f"file://{tmp}/pg", rank=0, world_size=1)
         print(f"megatron-core {megatron.core.__version__} vs {REPO.name} ({REPO})")
         for case in named_cases() + random_cases(args.random, args.random_seed):
-            problems, record = run_case(case, Path(tmp))
-            sizes = dict(zip(SPLITS, case.sizes))
+            problems, records = run_case(case, Path(tmp))
+            sizes = dict(zip(SPLITS, asked_sizes(case)))
             what = (f"{len(case.datasets)} path(s), weights {case.weights}, split {case.split}, "
                     f"seq_len {case.seq_len}, samples {sizes}")
             print(f"{'PASS' if not problems else 'FAIL'} {case.name}: {what}", flush=True)
@@ -284,7 +305,7 @@ def main() -> int:
                 print(f"    {p}", flush=True)
             failed += bool(problems)
             if args.write_fixtures and case.fixture:  # megatron-core's output, whatever ours is
-                path = write_fixture(case, record)
+                path = write_fixture(case, records)
                 print(f"    wrote {path.relative_to(REPO)} ({path.stat().st_size} bytes)")
         torch.distributed.destroy_process_group()
     print(f"{failed} of {len(named_cases()) + args.random} cases differ" if failed else "all cases identical")

@@ -46,17 +46,17 @@ def _megatron_loop_sample_index(lengths, seq_len, num_samples):
     return np.array(out)
 
 
-@pytest.mark.parametrize("seq_len", [1, 4, 13])
-def test_sample_index_matches_loop_reference(seq_len):
+@pytest.mark.parametrize("seq_len,first_length", [(1, 5), (4, 0), (13, 3)])
+def test_sample_index_matches_loop_reference(seq_len, first_length):
     rng = np.random.default_rng(seq_len)
     lengths = rng.integers(0, 20, 200)
-    lengths[0] = 5
+    lengths[0] = first_length
     n = (int(lengths.sum()) - 1) // seq_len
     ours = build_sample_index(lengths, seq_len, n)
     ref = _megatron_loop_sample_index(lengths, seq_len, n)
-    # identical (document, offset) pairs, empty documents included (the first one is non-empty:
-    # Megatron's index starts at (0, 0) even on an empty document, ours skips to the first token)
-    assert np.array_equal(ours, ref)
+    # identical (sequence, offset) pairs, empty sequences included, even a first one (where the
+    # walk starts at (0, 0)); int32 as in megatron-core
+    assert np.array_equal(ours, ref) and ours.dtype == np.int32
     starts = np.concatenate([[0], np.cumsum(lengths)])
     assert np.array_equal(starts[ours[:, 0]] + ours[:, 1], np.arange(n + 1) * seq_len)
 
@@ -86,6 +86,8 @@ def test_samples_equal_naive_stream(tmp_path):
 
 def test_split_ranges():
     assert split_ranges(1000, "969,30,1") == {"train": (0, 969), "valid": (969, 999), "test": (999, 1000)}
+    # megatron-core rounds each cumulative boundary (0.969 * 520 = 503.88 -> 504), not each share
+    assert split_ranges(520, "969,30,1") == {"train": (0, 504), "valid": (504, 519), "test": (519, 520)}
     assert split_ranges(10, "1") == {"train": (0, 10), "valid": (10, 10), "test": (10, 10)}
     r = split_ranges(7, "1,1,1")
     assert r["train"][0] == 0 and r["test"][1] == 7 and r["train"][1] == r["valid"][0]
@@ -175,3 +177,18 @@ def test_indices_equal_megatron_golden_values():
     assert ours["shuffle"].tolist() == [8, 1, 7, 10, 9, 5, 4, 3, 0, 2, 6, 19, 16, 17, 12, 15, 22, 13, 14, 21, 20, 11, 18]
     assert (ours["doc"].dtype, ours["shuffle"].dtype) == (np.int32, np.uint32)
     assert np.array_equal(ours["sample"], _megatron_loop_sample_index(lengths[ours["doc"]], 4, 23))
+
+
+def test_index_cache_of_an_older_version_is_not_reused(tmp_path, monkeypatch):
+    # Caches written before the megatron-core alignment (documents split and shuffled, int64
+    # sample index) must be rebuilt, not read back: the version is part of the cache key.
+    from lib.data import gpt_dataset
+
+    _make(str(tmp_path / "d"), n_docs=20)
+    data = IndexedDataset(tmp_path / "d")
+    with monkeypatch.context() as m:
+        m.setattr(gpt_dataset, "INDEX_VERSION", gpt_dataset.INDEX_VERSION - 1)
+        GPTDataset(data, (0, 20), 10, 4, 1, str(tmp_path / "c"))
+    ds = GPTDataset(data, (0, 20), 10, 4, 1, str(tmp_path / "c"))
+    assert not isinstance(ds.sample_index, np.memmap) and ds.sample_index.dtype == np.int32
+    assert len(list((tmp_path / "c").glob("gpt-train-*.json"))) == 2

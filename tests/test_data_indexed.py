@@ -49,7 +49,6 @@ def test_multi_sequence_documents_and_round_trip(tmp_path):
     assert (len(ds), ds.num_documents, ds.num_tokens) == (3, 2, 6)
     assert [list(s) for s in ds.document(0)] == [[1, 2], [3]]
     assert list(ds.document_span(0)) == [1, 2, 3] and list(ds.document_span(1, 1, 2)) == [5, 6]
-    assert list(ds.document_lengths()) == [3, 3]
     assert ds.dtype == np.uint16
 
 

@@ -29,7 +29,7 @@ __all__ = ["DataConfig", "build_datasets", "batches", "IndexedDataset"]
 class DataConfig:
     paths: tuple[str, ...] = ()
     weights: tuple[float, ...] | None = None  # one per path; None = equal
-    split: str = "969,30,1"  # train,valid,test proportions of each path's documents
+    split: str = "969,30,1"  # train,valid,test proportions of each path's sequences (megatron-core's split)
     seq_len: int = 2048
     seed: int = 1234
     tokenizer: str | None = None  # only used for the pad id of instruction data

@@ -42,11 +42,10 @@ def parse_split(split: str) -> list[float]:
         parts = [float(p) for p in split.replace("/", ",").split(",")]
     except ValueError:
         raise UserError(f"split {split!r}: expected comma-separated numbers like '969,30,1'") from None
-    if len(parts) > 3 or not all(math.isfinite(p) and p >= 0 for p in parts) or sum(parts) <= 0:
+    if len(parts) > 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
         raise UserError(f"split {split!r}: expected up to three non-negative numbers with a positive sum")
     parts += [0.0] * (3 - len(parts))
-    shares = np.array(parts, dtype=np.float64)
-    return (shares / np.sum(shares)).tolist()  # numpy's sum, as megatron-core's normalize
+    return [p / sum(parts) for p in parts]  # bit for bit megatron-core's normalize (3 numbers: same sum)
 
 
 def split_ranges(num_elements: int, split: str) -> dict[str, tuple[int, int]]:

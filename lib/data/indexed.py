@@ -127,11 +127,6 @@ class IndexedDataset:
         start = int(self.sequence_pointers[lo]) // self.dtype.itemsize + offset
         return self._bin[start: start + length]
 
-    def document_lengths(self) -> np.ndarray:
-        """Tokens per document (sum of its sequences' lengths), int64."""
-        ends = np.concatenate([[0], np.cumsum(self.sequence_lengths, dtype=np.int64)])
-        return ends[self.document_indices[1:]] - ends[self.document_indices[:-1]]
-
 
 class IndexedDatasetWriter:
     """Streams sequences into `<prefix>.bin`; `finish()` writes the index, then renames both into place.
