@@ -4,8 +4,9 @@
     logits = llama.forward(params, tokens, config)
     tokenizer = find_tokenizer(path)          # a file path for lib.tokenizer.load_tokenizer, or None
 
-`path` is an HF `LlamaForCausalLM` directory (config.json + safetensors or .bin), or a native
-checkpoint of this project (`lib.checkpoint`): its root (the latest step) or one `<step>` dir.
+`path` is an HF `LlamaForCausalLM` directory (config.json + safetensors or .bin), a native
+checkpoint of this project (`lib.checkpoint`): its root (the latest step) or one `<step>` dir,
+or a Megatron-LM / ModelLink checkpoint (`models.megatron`: its root or one iteration dir).
 A native checkpoint records the model it was written for (`extra["config"]["model"]` for a
 training run, `extra["model"]` for `runners.convert hf-to-native`), so nothing about the model
 needs restating.
@@ -37,7 +38,7 @@ from lib import checkpoint as ckpt_lib
 from lib import config as config_lib
 from lib import pytree
 from lib.errors import UserError
-from models import hf, llama, lora, peft
+from models import hf, llama, lora, megatron, peft
 
 MODEL_KEY = "model"     # extra["model"]: the model config of a converted checkpoint
 CONFIG_KEY = "config"   # extra["config"]: a training run's resolved config
@@ -57,6 +58,9 @@ def load_pretrained(path: str | Path, *, dtype: torch.dtype = torch.float32,
     if kind == "hf":
         model, params = hf.load(path, dtype=dtype, device=device)
         lora_cfg, adapters = None, None
+    elif kind == "megatron":
+        model, params = megatron.load(path, dtype=dtype, device=device)
+        lora_cfg, adapters = None, None
     else:
         model, params, lora_cfg, adapters = _load_native(Path(path), dtype, device, config)
     _check_agrees(model, config, path)
@@ -73,7 +77,8 @@ def load_pretrained(path: str | Path, *, dtype: torch.dtype = torch.float32,
 
 
 def checkpoint_kind(path: str | Path) -> str:
-    """"hf" or "native" for a directory that holds a model; a UserError saying what else it is."""
+    """"hf", "megatron" or "native" for a directory that holds a model; a UserError saying what
+    else it is."""
     p = Path(path)
     if not p.exists():
         raise UserError(f"{p} does not exist")
@@ -83,6 +88,8 @@ def checkpoint_kind(path: str | Path) -> str:
         base = config_lib.read_json(p / peft.CONFIG_FILE).get("base_model_name_or_path") or "?"
         raise UserError(f"{p} is a PEFT adapter, not a model: give it as the adapter of its base "
                         f"model (its adapter_config.json names {base!r})")
+    if megatron.is_megatron_checkpoint(p):
+        return "megatron"
     ckpt_lib.resolve(p)  # raises, naming what is wrong, unless it is a native checkpoint
     return "native"
 
@@ -181,15 +188,21 @@ def find_tokenizer(path: str | Path, adapter: str | Path | None = None) -> str |
 
     An adapter directory's own tokenizer wins (a vocabulary-extending adapter ships one); an HF
     directory's tokenizer.json / tokenizer.model; for a native checkpoint the run's
-    `data.tokenizer`, else the tokenizer of the model it started from or was converted from.
-    A recorded tokenizer that no longer exists is an error naming it.
+    `data.tokenizer`, else the tokenizer of the model it started from or was converted from;
+    for a Megatron checkpoint the one its args name, when it exists here.
+    A recorded tokenizer that no longer exists is an error naming it (Megatron's excepted: their
+    args name paths of the machine that trained).
     """
     if adapter is not None:
         found = _tokenizer_in(Path(adapter))
         if found is not None:
             return found
-    if checkpoint_kind(path) == "hf":
+    kind = checkpoint_kind(path)
+    if kind == "hf":
         return _tokenizer_in(Path(path))
+    if kind == "megatron":
+        recorded = megatron.recorded_tokenizer(path)
+        return (_tokenizer_in(recorded) if recorded.is_dir() else str(recorded)) if recorded else None
     with ckpt_lib.Reader(path) as reader:
         extra = reader.extra()
         where = reader.where

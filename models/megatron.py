@@ -58,7 +58,6 @@ import pickle
 import re
 import shutil
 import signal
-import tempfile
 import types
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -70,6 +69,7 @@ import torch
 from tqdm import tqdm
 
 from lib import config as config_lib
+from lib import files
 from lib.errors import UserError
 from models import hf, llama
 
@@ -750,6 +750,23 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: torc
     return config, hf.params_from_state_dict(config, tensors, str(info.iteration_dir), dtype=dtype, device=device)
 
 
+def read_args(path: str | os.PathLike) -> Any:
+    """The `args` of a checkpoint's first rank file (None when it records none)."""
+    grid = _rank_grid(resolve(path))
+    return read_rank_file(grid[min(grid, key=lambda r: (r[1], r[0]))]).get("args")
+
+
+def recorded_tokenizer(path: str | os.PathLike) -> Path | None:
+    """The tokenizer the checkpoint's args name (Megatron's --tokenizer-model, ModelLink's
+    --tokenizer-name-or-path), when it exists on this machine."""
+    args = read_args(path)
+    for name in ("tokenizer_model", "tokenizer_name_or_path"):
+        value = getattr(args, name, None)
+        if isinstance(value, str) and value and Path(value).exists():
+            return Path(value)
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # Writing
 
@@ -855,7 +872,7 @@ def save(path: str | os.PathLike, config: llama.Config, params: llama.Params, *,
     output = None if config.tie_embeddings else _pad_vocab(tensors["lm_head.weight"], padded).chunk(tp)
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    tmp = files.make_temp_dir(path.parent, prefix=f".{path.name}.", suffix=".partial")
     try:
         iter_dir = tmp / f"iter_{iteration:07d}"
         with tqdm(total=pp * tp, desc=f"writing {path.name}", unit="file", disable=pp * tp == 1) as bar:
@@ -899,6 +916,6 @@ def save(path: str | os.PathLike, config: llama.Config, params: llama.Params, *,
         raise
 
 
-__all__ = ["load", "read", "save", "resolve", "is_megatron_checkpoint", "read_rank_file", "detect_layout",
+__all__ = ["load", "read", "save", "read_args", "recorded_tokenizer", "resolve", "is_megatron_checkpoint", "read_rank_file", "detect_layout",
            "config_from_args", "megatron_args", "split_qkv", "fuse_qkv", "vocab_size_with_padding",
            "LAYOUTS", "Info", "EnumValue"]

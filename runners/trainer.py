@@ -22,7 +22,7 @@ from lib import config as config_lib
 from lib import device, metrics, optim, pytree
 from lib.data import DataConfig, batches, build_datasets
 from lib.errors import UserError
-from models import hf, llama
+from models import hf, llama, megatron
 from parallel import kernels, sharding, train_step
 from parallel.mesh import Mesh, MeshConfig, build_mesh
 
@@ -85,14 +85,16 @@ def setup(train: TrainConfig, mesh_cfg: MeshConfig, rule_spec, out_dir: str) -> 
 
 def initial_params(run: Run, load: str | None, model: llama.Config,
                    seed: int) -> tuple[llama.Config, llama.Params]:
-    """The HF weights named by `checkpoint.load` (with their config), else a random init, on
-    this run's device. A native checkpoint in `load` is read later by the checkpointer, into
-    this random init.
+    """The HF or Megatron weights named by `checkpoint.load` (with their config), else a random
+    init, on this run's device. A native checkpoint in `load` is read later by the checkpointer,
+    into this random init.
     """
+    if load and megatron.is_megatron_checkpoint(load):
+        return megatron.load(load, dtype=torch.float32, device=run.dev.torch_device)
     if load and not ckpt_lib.is_native_checkpoint(load):
         if not Path(load, "config.json").is_file():
-            raise UserError(f"checkpoint.load={load!r} is neither a native checkpoint nor an HF "
-                            "directory with config.json")
+            raise UserError(f"checkpoint.load={load!r} is neither a native checkpoint, a Megatron "
+                            "checkpoint nor an HF directory with config.json")
         return hf.load(load, dtype=torch.float32, device=run.dev.torch_device)
     return model, llama.init(model, seed, device=run.dev.torch_device)
 

@@ -5,7 +5,8 @@
     for batch in batches(sets["train"], global_batch, consumed_samples, rank, world): ...
 
 A path is a Megatron prefix: `<p>.bin/.idx` for pretraining text, or the prefix of
-`<p>_input_ids_document` / `<p>_loss_mask_document` for instruction data.
+`<p>_input_ids_document` / `<p>_loss_mask_document` for instruction data (or of ModelLink's
+`<p>_packed_{input_ids,labels,attention_mask}_document`, its --data-path: `lib.data.modellink`).
 """
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ from lib import config as config_lib
 from lib.data.gpt_dataset import GPTDataset, SPLITS, parse_split, split_ranges
 from lib.data.indexed import IndexedDataset, exists
 from lib.data.loader import batches
-from lib.data.sft_dataset import IDS_SUFFIX, SFTDataset, open_sft_pair
-from lib.data.vocab import check_token_ids
+from lib.data import modellink
+from lib.data.sft_dataset import IDS_SUFFIX, SFTDataset, open_examples
+from lib.data.vocab import check_token_ids, token_id_range
 from lib.errors import UserError
 
 __all__ = ["DataConfig", "build_datasets", "batches", "IndexedDataset"]
@@ -32,7 +34,7 @@ class DataConfig:
     split: str = "969,30,1"  # train,valid,test proportions of each path's sequences (megatron-core's split)
     seq_len: int = 2048
     seed: int = 1234
-    tokenizer: str | None = None  # only used for the pad id of instruction data
+    tokenizer: str | None = None  # instruction data: its pad id (and EOS for packed ModelLink data)
     cache_dir: str | None = None  # index cache; default `<data folder>/cache`
 
     def __post_init__(self):
@@ -52,17 +54,34 @@ class DataConfig:
 def _kind(path: str) -> str:
     if exists(path):
         return "text"
-    if exists(path + IDS_SUFFIX):
+    if exists(path + IDS_SUFFIX) or modellink.is_modellink(path):
         return "sft"
     raise UserError(f"data path {path!r}: found neither {path}.bin/.idx (pretraining text) nor "
-                    f"{path}{IDS_SUFFIX}.bin/.idx (instruction data)")
+                    f"{path}{IDS_SUFFIX}.bin/.idx (instruction data) nor ModelLink's "
+                    f"{path}{modellink.IDS}.bin/.idx")
 
 
-def _pad_id(cfg: DataConfig) -> int:
+def _pad_and_eos(cfg: DataConfig) -> tuple[int, int | None]:
     if cfg.tokenizer is None:
-        return 0  # padding is never attended (segment 0) nor trained (-100): any id is correct
+        return 0, None  # padding is never attended (segment 0) nor trained (-100): any id is correct
     from lib.tokenizer import load_tokenizer
-    return load_tokenizer(cfg.tokenizer).pad_id
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    return tokenizer.pad_id, tokenizer.eos_id
+
+
+def _check_ids(path: str, vocab_size: int, cache_dir: str | None) -> None:
+    if exists(path):
+        check_token_ids(IndexedDataset(path), vocab_size, cache_dir)
+    elif not modellink.is_modellink(path):
+        check_token_ids(IndexedDataset(path + IDS_SUFFIX), vocab_size, cache_dir)
+    else:
+        check_token_ids(IndexedDataset(path + modellink.IDS), vocab_size, cache_dir)
+        labels = IndexedDataset(path + modellink.LABELS)
+        lo, hi = token_id_range(labels, cache_dir)
+        if hi >= vocab_size or lo < modellink.IGNORE_INDEX:
+            bad = hi if hi >= vocab_size else lo
+            raise UserError(f"{labels.prefix}.bin: holds label {bad}; labels must be token ids of the model's "
+                            f"vocabulary (0..{vocab_size - 1}) or {modellink.IGNORE_INDEX}")
 
 
 def build_datasets(cfg: DataConfig, num_samples: dict[str, int], max_seq_len: int | None = None,
@@ -83,11 +102,10 @@ def build_datasets(cfg: DataConfig, num_samples: dict[str, int], max_seq_len: in
     kinds = {p: _kind(p) for p in cfg.paths}
     if len(set(kinds.values())) > 1:
         raise UserError(f"data paths mix pretraining text and instruction data: {kinds}")
-    pad_id = _pad_id(cfg) if "sft" in kinds.values() else 0
+    pad_id, eos_id = _pad_and_eos(cfg) if "sft" in kinds.values() else (0, None)
     if vocab_size is not None:
-        for path, kind in kinds.items():
-            check_token_ids(IndexedDataset(path if kind == "text" else path + IDS_SUFFIX), vocab_size,
-                            cfg.cache_dir)
+        for path in kinds:
+            _check_ids(path, vocab_size, cfg.cache_dir)
         if pad_id >= vocab_size:
             raise UserError(f"data.tokenizer {cfg.tokenizer}: its pad id {pad_id} is outside the model's "
                             f"vocabulary of {vocab_size} ids (padding is fed to the embedding)")
@@ -101,12 +119,12 @@ def build_datasets(cfg: DataConfig, num_samples: dict[str, int], max_seq_len: in
                 raise UserError(f"{path}: split {cfg.split!r} leaves the {split} set no documents "
                                 f"(of {len(data)} sequences); change data.split or ask for no {split} samples")
             return GPTDataset(data, rng, n, cfg.seq_len, cfg.seed, cache, name=split)
-        ids, _ = open_sft_pair(path)
-        rng = split_ranges(ids.num_documents, cfg.split)[split]
+        examples = open_examples(path, eos_id)
+        rng = split_ranges(examples.num_documents, cfg.split)[split]
         if rng[1] <= rng[0]:
             raise UserError(f"{path}: split {cfg.split!r} leaves the {split} set no examples "
-                            f"(of {ids.num_documents}); change data.split or ask for no {split} samples")
-        return SFTDataset(path, rng, n, cfg.seq_len, cfg.seed, pad_id, cache, name=split)
+                            f"(of {examples.num_documents}); change data.split or ask for no {split} samples")
+        return SFTDataset(path, rng, n, cfg.seq_len, cfg.seed, pad_id, cache, name=split, eos_id=eos_id)
 
     out = {}
     for split, n in num_samples.items():

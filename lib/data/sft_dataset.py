@@ -1,4 +1,5 @@
-"""Instruction-tuning samples from `<prefix>_input_ids_document` + `<prefix>_loss_mask_document`.
+"""Instruction-tuning samples from `<prefix>_input_ids_document` + `<prefix>_loss_mask_document`
+(runners.preprocess), or from ModelLink's `<prefix>_packed_*_document` files (`lib.data.modellink`).
 
 Both indexed datasets share one layout: a document is one training sample, its sequences are
 the examples packed into it (one sequence when not packed). A sample becomes
@@ -15,6 +16,7 @@ import numpy as np
 from lib.data.cache import cached_arrays
 from lib.data.gpt_dataset import _file_key, build_document_index, default_cache_dir
 from lib.data.indexed import IndexedDataset
+from lib.data.modellink import ModelLinkExamples, is_modellink
 from lib.errors import UserError
 
 IGNORE_INDEX = -100
@@ -50,10 +52,30 @@ def sample_arrays(seqs: list[np.ndarray], masks: list[np.ndarray], seq_len: int,
     return {"tokens": tokens, "labels": labels, "positions": positions, "segment_ids": segment_ids}
 
 
+class OwnExamples:
+    """runners.preprocess's pair of files; `sample(d, ...)` is document d as training arrays."""
+
+    def __init__(self, prefix: str):
+        self.ids, self.mask = open_sft_pair(prefix)
+        self.key_file = prefix + IDS_SUFFIX
+
+    @property
+    def num_documents(self) -> int:
+        return self.ids.num_documents
+
+    def sample(self, d: int, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+        return sample_arrays(self.ids.document(d), self.mask.document(d), seq_len, pad_id)
+
+
+def open_examples(prefix: str, eos_id: int | None = None) -> OwnExamples | ModelLinkExamples:
+    """Our instruction files at `prefix`, else ModelLink's (their packed examples split at `eos_id`)."""
+    return ModelLinkExamples(prefix, eos_id) if is_modellink(prefix) else OwnExamples(prefix)
+
+
 class SFTDataset:
     def __init__(self, prefix: str, documents: tuple[int, int], num_samples: int, seq_len: int, seed: int,
-                 pad_id: int, cache_dir: str | None = None, name: str = "train"):
-        self.ids, self.mask = open_sft_pair(prefix)
+                 pad_id: int, cache_dir: str | None = None, name: str = "train", eos_id: int | None = None):
+        self.examples = open_examples(prefix, eos_id)
         self.seq_len, self.pad_id, self.num_samples = seq_len, pad_id, num_samples
         lo, hi = documents
         if hi <= lo:
@@ -63,7 +85,7 @@ class SFTDataset:
         def build() -> dict[str, np.ndarray]:
             return {"doc": build_document_index(np.arange(lo, hi), epochs, np.random.RandomState(seed))}
 
-        key = {"v": SFT_INDEX_VERSION, "file": _file_key(prefix + IDS_SUFFIX), "documents": [lo, hi],
+        key = {"v": SFT_INDEX_VERSION, "file": _file_key(self.examples.key_file), "documents": [lo, hi],
                "epochs": epochs, "seed": seed}
         self.doc_index = cached_arrays(cache_dir or default_cache_dir(prefix), f"sft-{name}", key, build)["doc"]
 
@@ -74,4 +96,4 @@ class SFTDataset:
         if not 0 <= i < self.num_samples:
             raise IndexError(f"sample {i} outside 0..{self.num_samples - 1}")
         d = int(self.doc_index[i])
-        return sample_arrays(self.ids.document(d), self.mask.document(d), self.seq_len, self.pad_id)
+        return self.examples.sample(d, self.seq_len, self.pad_id)
