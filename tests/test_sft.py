@@ -94,3 +94,41 @@ def test_a_typo_in_an_optional_section_suggests_the_key():
     from lib.config import ConfigError
     with pytest.raises(ConfigError, match="did you mean 'r'"):
         sft.main(["lora.rr=16"])
+
+
+def test_modellink_instruction_data_gives_the_samples_of_our_own(setup):
+    """The same packed alpaca examples, as ModelLink's preprocess_data.py --pack would store them
+    (lib.data.modellink), train on exactly the tokens, labels, positions and segments of ours."""
+    import numpy as np
+
+    from lib.data import DataConfig, build_datasets, modellink
+    from lib.data.indexed import IndexedDataset, IndexedDatasetWriter
+    from lib.data.sft_dataset import IDS_SUFFIX, MASK_SUFFIX
+
+    root, tok = setup
+    seq = 512  # several examples per sample
+    preprocess.main(["--input", str(root / "alpaca.json"), "--output-prefix", str(root / "packed"),
+                     "--tokenizer", tok, "--handler", "alpaca", "--template", "alpaca",
+                     "--seq-length", str(seq), "--pack"])
+    ids, mask = IndexedDataset(f"{root}/packed{IDS_SUFFIX}"), IndexedDataset(f"{root}/packed{MASK_SUFFIX}")
+    writers = {s: IndexedDatasetWriter(f"{root}/ml{s}", np.int32)
+               for s in (modellink.IDS, modellink.LABELS, modellink.ATTENTION)}
+    for d in range(ids.num_documents):  # ModelLink: labels = the token where trained; pads: id 0, -100, 1
+        t, m = np.concatenate(ids.document(d)).astype(np.int64), np.concatenate(mask.document(d))
+        pad = seq - len(t)
+        writers[modellink.IDS].add_document(np.concatenate([t, np.zeros(pad)]))
+        writers[modellink.LABELS].add_document(np.concatenate([np.where(m != 0, t, -100), np.full(pad, -100)]))
+        writers[modellink.ATTENTION].add_document(np.ones(seq))
+    for w in writers.values():
+        w.finish()
+    cfg = dict(seq_len=seq, tokenizer=tok, split="1,0,0")
+    n = ids.num_documents
+    ours = build_datasets(DataConfig(paths=(f"{root}/packed",), **cfg), {"train": n}, vocab_size=512)["train"]
+    theirs = build_datasets(DataConfig(paths=(f"{root}/ml",), **cfg), {"train": n}, vocab_size=512)["train"]
+    assert min(ours[i]["segment_ids"].max() for i in range(n)) > 1  # every sample packs several examples
+    for i in range(n):
+        a, b = ours[i], theirs[i]
+        real = a["segment_ids"] != 0  # ModelLink's padding is a segment of pad tokens, never trained
+        assert np.array_equal(a["labels"], b["labels"])
+        for key in ("tokens", "positions", "segment_ids"):
+            assert np.array_equal(a[key][real], b[key][real]), key
