@@ -697,6 +697,10 @@ def read(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None
     else:  # a tied pipeline keeps a copy of the embedding on its last stage under the same name (mcore)
         inferred["tie_embeddings"] = pp * vstages > 1 and head0.shape == embed0.shape and torch.equal(head0, embed0)
     config = config_from_args(args, where, overrides, inferred)
+    if layout == "legacy" and "rope_theta" not in (overrides or {}) and config.rope_theta != 10000.0:
+        log.warning("%s: args.rotary_base=%s is used; Megatron-LM's legacy model ignores --rotary-base "
+                    "(always 10000) while ModelLink's applies it: give rope_theta=10000 for a Megatron-LM "
+                    "legacy checkpoint", where, config.rope_theta)
     padded = int(_arg(args, "padded_vocab_size", default=embed0.shape[0] * tp))
     if "vocab_size" not in (overrides or {}) and getattr(args, "vocab_size", None) is None:
         log.warning("%s: args record no vocab_size; keeping the padded vocabulary of %d rows "
