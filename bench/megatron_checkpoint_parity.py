@@ -109,7 +109,8 @@ def ours_read(root: Path) -> None:
             kind, tp = ckpt.name.split("-")[1], ckpt.name.rsplit("tp", 1)[1]
             what = f"{name:22s} {'megatron-core GPTModel' if kind == 'mcore' else 'Megatron-LM legacy GPTModel'}" \
                    f" TP{tp} init -> models.megatron.load"
-            results[what] = (ours - theirs[..., :fields["vocab_size"]]).abs().max().item()
+            v = fields["vocab_size"]  # (a NullTokenizer run adds an EOD id: the model has one more row)
+            results[what] = (ours[..., :v] - theirs[..., :v]).abs().max().item()
     print(json.dumps(results))
 
 
@@ -182,7 +183,7 @@ def _import_megatron_training(src: str) -> None:
     arguments.get_device_arch_version = utils.get_device_arch_version = lambda: 9
 
 
-def _legacy_gpt(fields: dict, tp: int):
+def _legacy_gpt(fields: dict, tp: int, padded_vocab: int):
     """Megatron-LM's legacy GPTModel, configured by Megatron-LM's own argument parser."""
     from megatron.core.enums import ModelType
     from megatron.legacy.model import GPTModel
@@ -212,7 +213,7 @@ def _legacy_gpt(fields: dict, tp: int):
     finally:
         sys.argv = saved_argv
     args.model_type = ModelType.encoder_or_decoder  # as megatron.training.pretrain sets it
-    args.padded_vocab_size = _padded(f["vocab_size"], tp)  # as build_tokenizer sets it
+    args.padded_vocab_size = padded_vocab  # what build_tokenizer sets from the run's tokenizer
     if not hasattr(args, "apply_layernorm_1p"):  # read by the legacy norm, no longer parsed at 0.16
         args.apply_layernorm_1p = False
     set_args(args)
@@ -300,11 +301,13 @@ def _worker(rank: int, tp: int, root: str, port: int, megatron_lm: str | None, r
             save_theirs(name, "mcore", model, _core_args(fields, tp))
 
             if megatron_lm and legacy_ok:
-                model, _ = _legacy_gpt(fields, tp)
+                # A run whose tokenizer has the model's vocabulary pads it as our files say.
+                model, _ = _legacy_gpt(fields, tp, _padded(fields["vocab_size"], tp))
                 model.load_state_dict(ours_state(name, "legacy"), strict=True)
                 record(f"{name:22s} models.megatron.save legacy TP{tp} -> Megatron-LM legacy GPTModel", model, ours)
                 torch.manual_seed(3)
-                model, args = _legacy_gpt(fields, tp)
+                # Megatron's NullTokenizer has --vocab-size ids plus an EOD id.
+                model, args = _legacy_gpt(fields, tp, _padded(fields["vocab_size"] + 1, tp))
                 _perturb_norms(model)
                 save_theirs(name, "legacy", model, args)
     finally:

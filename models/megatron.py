@@ -409,6 +409,9 @@ def config_from_args(args: Any, where: str, overrides: Mapping[str, Any] | None 
     take("n_heads", "num_attention_heads")
     take("ffn_dim", "ffn_hidden_size", "intermediate_size")
     take("vocab_size", "vocab_size", "padded_vocab_size")
+    if found.get("vocab_size") is not None and getattr(args, "tokenizer_type", None) == "NullTokenizer" \
+            and getattr(args, "vocab_size", None) is not None:
+        found["vocab_size"] += 1  # Megatron's NullTokenizer adds an EOD id after --vocab-size ids
     take("norm_eps", "norm_epsilon", "layernorm_epsilon", default=1e-5, note=" (Megatron's default)")
     take("rope_theta", "rotary_base", default=10000.0, note=" (Megatron's default)")
     take("max_seq_len", "max_position_embeddings", "seq_length", default=4096)
@@ -611,11 +614,8 @@ def _merge_layer(shards: list[dict[str, torch.Tensor]], files: list[Path], confi
     }
 
 
-def read(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None
-         ) -> tuple[llama.Config, dict[str, torch.Tensor], Info]:
-    """(config, HF-named tensors, info) of a Megatron checkpoint; see `load`."""
-    iter_dir = resolve(path)
-    where = str(iter_dir)
+def _open(iter_dir: Path, overrides: Mapping[str, Any] | None):
+    """(args, tp, pp, {(tp rank, pp rank): state}) of an iteration directory, its grid checked."""
     grid = _rank_grid(iter_dir)
     first_file = grid[min(grid, key=lambda r: (r[1], r[0]))]
     first = read_rank_file(first_file)
@@ -633,13 +633,15 @@ def read(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None
                         "mixture-of-experts checkpoints are not supported")
     _check_supported(args, str(first_file))
     tp, pp = _parallel_sizes(grid, args, version, iter_dir)
-
-    states = {}
     order = [(t, p) for p in range(pp) for t in range(tp)]
-    for rank in tqdm(order, desc=f"reading {iter_dir.name}", unit="file", disable=len(order) == 1):
-        states[rank] = first if grid[rank] == first_file else read_rank_file(grid[rank])
+    states = {rank: first if grid[rank] == first_file else read_rank_file(grid[rank])
+              for rank in tqdm(order, desc=f"reading {iter_dir.name}", unit="file", disable=len(order) == 1)}
+    return args, tp, pp, states, grid
 
-    # The key layout, from the first stage's file; every file must agree with it and with args.
+
+def _layout_and_chunks(states: Mapping[tuple[int, int], Any], grid: Mapping[tuple[int, int], Path], args: Any
+                       ) -> tuple[str, dict[tuple[int, int], list[_Chunk]]]:
+    """The key layout (the first stage's; every file and the args must agree) and each file's chunks."""
     layout = detect_layout(_model_chunks(states[0, 0], grid[0, 0])[0])
     if layout is None:
         raise UserError(f"{grid[0, 0]}: no known Megatron model keys (expected language_model.* or "
@@ -650,9 +652,13 @@ def read(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None
                 else "use_mcore_models=" + str(args.use_mcore_models))
         raise UserError(f"{grid[0, 0]}: its keys are in the {layout} layout, but its args say {flag} "
                         f"({claimed} models)")
+    claimed_v = _arg(args, "virtual_pipeline_model_parallel_size", default=None) or 1
     chunks: dict[tuple[int, int], list[_Chunk]] = {}
     for rank, state in states.items():
         flats = _model_chunks(state, grid[rank])
+        if len(flats) != claimed_v:
+            raise UserError(f"{grid[rank]}: holds {len(flats)} model chunk(s), but its args say "
+                            f"virtual_pipeline_model_parallel_size={claimed_v}")
         for flat in flats:
             found = detect_layout(flat)
             has_layers = any(LAYOUTS[layout].is_layer_key(k) for k in flat)
@@ -660,12 +666,17 @@ def read(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None
                 raise UserError(f"{grid[rank]}: its keys are in the {found} layout, but "
                                 f"{grid[0, 0]}'s are in the {layout} layout")
         chunks[rank] = [_split_chunk(flat, layout, grid[rank]) for flat in flats]
+    return layout, chunks
+
+
+def read(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None
+         ) -> tuple[llama.Config, dict[str, torch.Tensor], Info]:
+    """(config, HF-named tensors, info) of a Megatron checkpoint; see `load`."""
+    iter_dir = resolve(path)
+    where = str(iter_dir)
+    args, tp, pp, states, grid = _open(iter_dir, overrides)
+    layout, chunks = _layout_and_chunks(states, grid, args)
     vstages = len(chunks[0, 0])
-    claimed_v = _arg(args, "virtual_pipeline_model_parallel_size", default=None) or 1
-    for rank, cs in chunks.items():
-        if len(cs) != claimed_v and not (claimed_v == 1 and len(cs) == 1):
-            raise UserError(f"{grid[rank]}: holds {len(cs)} model chunk(s), but its args say "
-                            f"virtual_pipeline_model_parallel_size={claimed_v}")
     # Megatron's layer order: virtual stage 0 of every pipeline stage, then virtual stage 1, ...
     stage_order = [(p, v) for v in range(vstages) for p in range(pp)]
     for p, v in stage_order:
@@ -682,21 +693,27 @@ def read(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None
         raise UserError(f"{grid[0, 0]}: the first pipeline stage holds no {spec.embed}")
     if spec.final_norm not in last_chunk.top:
         raise UserError(f"{grid[0, pp - 1]}: the last pipeline stage holds no {spec.final_norm}")
-    embed0 = first_chunk.top[spec.embed]
-    head0 = last_chunk.top.get(spec.output)
+    embed0, head0 = first_chunk.top[spec.embed], last_chunk.top.get(spec.output)
+    # Shapes fill in what args do not record (MindSpeed-LLM's converters save few args).
+    layer0 = next(c.layers[0] for cs in chunks.values() for c in cs if c.layers)
     inferred: dict[str, Any] = {"n_layers": sum(counts.values()), "dim": embed0.shape[-1],
-                                "vocab_size": embed0.shape[0] * tp}
-    layer0 = first_chunk.layers.get(0) or next(iter(c.layers[0] for cs in chunks.values() for c in cs if c.layers))
-    inferred["ffn_dim"] = layer0["fc2"].shape[1] * tp
+                                "vocab_size": embed0.shape[0] * tp, "ffn_dim": layer0["fc2"].shape[1] * tp}
     heads = (overrides or {}).get("n_heads", getattr(args, "num_attention_heads", None))
     if heads:
         rows = layer0["qkv"].shape[0] * tp // (inferred["dim"] // int(heads))
         inferred["n_kv_heads"] = (rows - int(heads)) // 2
-    if head0 is None:
-        inferred["tie_embeddings"] = True
-    else:  # a tied pipeline keeps a copy of the embedding on its last stage under the same name (mcore)
-        inferred["tie_embeddings"] = pp * vstages > 1 and head0.shape == embed0.shape and torch.equal(head0, embed0)
+    # megatron-core keeps a tied model's head copy on the last stage under the untied name.
+    one_stage = pp * vstages == 1
+    inferred["tie_embeddings"] = head0 is None or (not one_stage and head0.shape == embed0.shape
+                                                   and torch.equal(head0, embed0))
     config = config_from_args(args, where, overrides, inferred)
+    if config.tie_embeddings and head0 is not None and (layout == "legacy" or one_stage
+                                                         or not torch.equal(head0, embed0)):
+        raise UserError(f"{grid[0, pp - 1]}: holds an output layer ({spec.output}) of its own, but its args "
+                        "say it is tied to the embedding (untie_embeddings_and_output_weights=False)")
+    if not config.tie_embeddings and head0 is None:
+        raise UserError(f"{grid[0, pp - 1]}: its args say the output layer is untied, but the last stage "
+                        f"holds no {spec.output}")
     if layout == "legacy" and "rope_theta" not in (overrides or {}) and config.rope_theta != 10000.0:
         log.warning("%s: args.rotary_base=%s is used; Megatron-LM's legacy model ignores --rotary-base "
                     "(always 10000) while ModelLink's applies it: give rope_theta=10000 for a Megatron-LM "
@@ -715,9 +732,6 @@ def read(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None
     _check_splittable(config, tp, padded, where)
     check = _ShapeCheck(config, tp, padded, layout)
 
-    def joined(rank_chunks: list[_Chunk], name: str, piece: str) -> torch.Tensor:
-        return torch.cat([check(c.top[name], piece, name, c.file) for c in rank_chunks])
-
     tensors: dict[str, torch.Tensor] = {}
     offset = 0
     for p, v in stage_order:
@@ -726,19 +740,18 @@ def read(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None
             merged = _merge_layer([c.layers[local] for c in stage], [c.file for c in stage], config, check, local)
             tensors.update({f"model.layers.{offset + local}.{k}": t for k, t in merged.items()})
         offset += counts[p, v]
-    first_stage = [chunks[t, 0][0] for t in range(tp)]
-    last_stage = [chunks[t, pp - 1][vstages - 1] for t in range(tp)]
-    tensors["model.embed_tokens.weight"] = joined(first_stage, spec.embed, "embed")[:config.vocab_size]
+
+    def joined(rank_chunks: list[_Chunk], name: str, piece: str) -> torch.Tensor:
+        return torch.cat([check(c.top[name], piece, name, c.file) for c in rank_chunks])[:config.vocab_size]
+
+    tensors["model.embed_tokens.weight"] = joined([chunks[t, 0][0] for t in range(tp)], spec.embed, "embed")
     tensors["model.norm.weight"] = check(last_chunk.top[spec.final_norm], "final_norm", spec.final_norm,
                                          last_chunk.file)
     if not config.tie_embeddings:
-        if head0 is None:
-            raise UserError(f"{grid[0, pp - 1]}: args say the output layer is untied, but the last stage "
-                            f"holds no {spec.output}")
-        tensors["lm_head.weight"] = joined(last_stage, spec.output, "output")[:config.vocab_size]
-    iteration = first.get("iteration")
-    info = Info(iter_dir, None if iter_dir.name == "release" else iteration, tp, pp, vstages, layout, padded, args)
-    return config, tensors, info
+        tensors["lm_head.weight"] = joined([chunks[t, pp - 1][vstages - 1] for t in range(tp)], spec.output,
+                                           "output")
+    iteration = None if iter_dir.name == "release" else states[0, 0].get("iteration")
+    return config, tensors, Info(iter_dir, iteration, tp, pp, vstages, layout, padded, args)
 
 
 def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",

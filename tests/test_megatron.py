@@ -320,6 +320,13 @@ def test_bad_checkpoints_name_the_value_or_path(tp2pp2, tmp_path):
                                         r"tensor_model_parallel_size=2"):
         megatron.load(broken)
 
+    broken = _copy(tp2pp2, tmp_path / "args-tied")
+    _rewrite_args(broken, untie_embeddings_and_output_weights=False)
+    with pytest.raises(UserError, match=r"mp_rank_00_001/model_optim_rng.pt: holds an output layer "
+                                        r"\(language_model.output_layer.weight\) of its own, but its args say it "
+                                        r"is tied"):
+        megatron.load(broken)
+
     several = _copy(tp2pp2, tmp_path / "several")
     shutil.copytree(several / iter_dir, several / "iter_0000002")
     (several / "latest_checkpointed_iteration.txt").unlink()

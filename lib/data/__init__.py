@@ -61,12 +61,19 @@ def _kind(path: str) -> str:
                     f"{path}{modellink.IDS}.bin/.idx")
 
 
-def _pad_and_eos(cfg: DataConfig) -> tuple[int, int | None]:
+def _pad_id(cfg: DataConfig) -> int:
     if cfg.tokenizer is None:
-        return 0, None  # padding is never attended (segment 0) nor trained (-100): any id is correct
+        return 0  # padding is never attended (segment 0) nor trained (-100): any id is correct
     from lib.tokenizer import load_tokenizer
-    tokenizer = load_tokenizer(cfg.tokenizer)
-    return tokenizer.pad_id, tokenizer.eos_id
+    return load_tokenizer(cfg.tokenizer).pad_id
+
+
+def _eos_id(cfg: DataConfig) -> int | None:
+    """What separates the examples of packed ModelLink data (None: no tokenizer given)."""
+    if cfg.tokenizer is None:
+        return None
+    from lib.tokenizer import load_tokenizer
+    return load_tokenizer(cfg.tokenizer).eos_id
 
 
 def _check_ids(path: str, vocab_size: int, cache_dir: str | None) -> None:
@@ -102,7 +109,8 @@ def build_datasets(cfg: DataConfig, num_samples: dict[str, int], max_seq_len: in
     kinds = {p: _kind(p) for p in cfg.paths}
     if len(set(kinds.values())) > 1:
         raise UserError(f"data paths mix pretraining text and instruction data: {kinds}")
-    pad_id, eos_id = _pad_and_eos(cfg) if "sft" in kinds.values() else (0, None)
+    pad_id = _pad_id(cfg) if "sft" in kinds.values() else 0
+    eos_id = _eos_id(cfg) if any(modellink.is_modellink(p) for p in kinds if kinds[p] == "sft") else None
     if vocab_size is not None:
         for path in kinds:
             _check_ids(path, vocab_size, cfg.cache_dir)
