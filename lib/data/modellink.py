@@ -48,7 +48,8 @@ class ModelLinkExamples:
                     and np.array_equal(self.ids.document_indices, other.document_indices)):
                 raise UserError(f"{prefix}{suffix}: its documents do not match {prefix}{IDS} "
                                 "(written by different runs?)")
-        lengths = self.ids.document_lengths()
+        ends = np.concatenate([[0], np.cumsum(self.ids.sequence_lengths, dtype=np.int64)])
+        lengths = ends[self.ids.document_indices[1:]] - ends[self.ids.document_indices[:-1]]  # per sample
         self.packed = len(lengths) > 1 and bool((lengths == lengths[0]).all())
         if self.packed and eos_id is None:
             raise UserError(f"{prefix}{IDS}: packed ModelLink data (every sample {lengths[0]} tokens) is split "
