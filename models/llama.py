@@ -395,9 +395,9 @@ def init_cache(config: Config, batch: int, max_len: int, *, start: torch.Tensor 
     """An empty cache for `batch` rows of up to `max_len` tokens (prompt + generated).
 
     `start`: [batch] left-padding of each row (default 0). `device="meta"` gives shapes only.
+    Slots are not positions: with padding a cache may be longer than `config.max_seq_len`; keeping
+    each row's tokens within the model's context is the caller's check.
     """
-    if max_len > config.max_seq_len:
-        raise ValueError(f"cache length {max_len} exceeds the model's max_seq_len {config.max_seq_len}")
     shapes = cache_shapes(config, batch, max_len)
     kv = lambda shape: torch.zeros(shape, dtype=dtype, device=device)
     first = torch.zeros(batch, dtype=torch.int64, device=device) if start is None else \

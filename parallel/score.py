@@ -9,6 +9,11 @@ log-softmax at every position of the batch. Here:
 - a request's scored positions are "entries" (position, target token); requests whose model
   input is the same token sequence share one row (multiple-choice questions whose choices are
   single tokens, MMLU's " A".." D", cost one forward of the context);
+- rows that begin with the same tokens (the description and five shots of every question of an
+  MMLU subject, the context of HellaSwag's four endings) form a group: the shared prefix is run
+  once into a KV cache (`models.llama.hidden_states_with_cache`), copied to the group's rows,
+  and only the rest of each row is run on top of it. Attention is causal, so the scores are
+  those of the whole row;
 - rows are sorted by length and batched, right-padded to a few length buckets (4 per octave),
   so the compiled scoring function is reused instead of recompiled per length;
 - the lm_head and log-softmax run only at the entries' positions;
@@ -30,6 +35,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.experimental import implicit_replication
 
+from lib import pytree
 from lib.constraints import constrain, use_constraint
 from lib.evals.tokens import Request
 from models import llama
@@ -107,6 +113,95 @@ def make_batches(rows: Sequence[Row], tokens_per_batch: int, rows_per_batch: int
     return batches
 
 
+MIN_SHARED_PREFIX = 32  # tokens; shorter common beginnings are not worth a second pass
+
+
+@dataclass
+class Group:
+    """Rows that start with `prefix`; none scores a position inside it."""
+    prefix: tuple[int, ...]
+    rows: list[Row]
+
+
+def _common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def group_by_prefix(rows: Sequence[Row], min_prefix: int = MIN_SHARED_PREFIX) -> tuple[list[Group], list[Row]]:
+    """(groups of rows sharing at least `min_prefix` leading tokens, rows left alone).
+
+    Rows are sorted, so rows with a common beginning are neighbours; a group takes the next row
+    while it keeps at least half of the group's common prefix (a question of the next MMLU
+    subject shares only a dozen tokens of the description and starts a new group). The prefix
+    stops before the first scored position of any member: those hidden states come from the
+    second pass."""
+    order = sorted(rows, key=lambda r: r.tokens)
+    groups, alone = [], []
+    i = 0
+    while i < len(order):
+        shared, j = len(order[i].tokens), i + 1
+        while j < len(order):
+            n = _common_prefix(order[i].tokens, order[j].tokens)
+            if n < min_prefix or n < shared // 2:
+                break
+            shared, j = min(shared, n), j + 1
+        members = order[i:j]
+        shared = min([shared] + [min(r.positions) for r in members])
+        if len(members) > 1 and shared >= min_prefix:
+            groups.append(Group(members[0].tokens[:shared], members))
+        else:
+            alone += members
+        i = j
+    return groups, sorted(alone, key=lambda r: (-len(r.tokens), r.tokens))
+
+
+@dataclass(frozen=True)
+class PrefixBatch:
+    """Rows of a few groups: the groups' prefixes are run once, the rows' suffixes on top."""
+    groups: list[Group]
+    rows: list[tuple[int, Row]]          # (index into groups, row)
+    shape: tuple[int, int, int, int, int]  # (groups, prefix len, rows, suffix len, entries) padded
+
+
+def make_prefix_batches(groups: Sequence[Group], tokens_per_batch: int) -> list[PrefixBatch]:
+    """The groups' rows in batches of one padded shape each.
+
+    Rows are ordered by prefix bucket, then by suffix length (longest first), and a batch never
+    spans two prefix buckets, so its first row fixes its shape. Its row count depends only on
+    the (prefix, suffix) buckets: as many rows as fit `tokens_per_batch` suffix tokens, the
+    prefix cache counted beside them."""
+    def suffix(item: tuple[Group, Row]) -> int:
+        return len(item[1].tokens) - len(item[0].prefix)
+    items = sorted(((g, row) for g in groups for row in g.rows),
+                   key=lambda item: (-bucket(len(item[0].prefix)), -suffix(item)))
+    batches: list[PrefixBatch] = []
+    i = 0
+    while i < len(items):
+        prefix_len = bucket(len(items[i][0].prefix))
+        suffix_len = bucket(suffix(items[i]))
+        n = max(1, tokens_per_batch // (suffix_len + prefix_len // 4))
+        chunk = []
+        while i < len(items) and len(chunk) < n and bucket(len(items[i][0].prefix)) == prefix_len:
+            chunk.append(items[i])
+            i += 1
+        index: dict[int, int] = {}
+        batch_groups: list[Group] = []
+        rows = []
+        for g, r in chunk:
+            if id(g) not in index:
+                index[id(g)] = len(batch_groups)
+                batch_groups.append(g)
+            rows.append((index[id(g)], r))
+        entries = entries_bucket(max(len(r.positions) for _, r in rows))
+        batches.append(PrefixBatch(batch_groups, rows, (entries_bucket(len(batch_groups)), prefix_len,
+                                                         n, suffix_len, entries)))
+    return batches
+
+
 def _tensors(batch: Batch, pad_id: int, device) -> dict[str, torch.Tensor]:
     n, length, entries = batch.shape
     tokens = torch.full((n, length), pad_id, dtype=torch.long)
@@ -133,8 +228,52 @@ def build_score_fn(config: llama.Config, kernels: llama.Kernels) -> Callable:
                 # this rank's rows with the whole vocabulary: argmax has no sharded strategy
                 logits = constrain(logits, ("batch", None, None)).to_local()
                 targets = targets.to_local()
-            logprobs = logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
-            return logprobs, logits.argmax(-1) == targets
+            return _token_scores(logits, targets)
+    return score
+
+
+def _prefix_tensors(batch: PrefixBatch, pad_id: int, device) -> dict[str, torch.Tensor]:
+    n_groups, prefix_len, n_rows, suffix_len, entries = batch.shape
+    prefix = torch.full((n_groups, prefix_len), pad_id, dtype=torch.long)
+    start = torch.full((n_groups,), prefix_len, dtype=torch.long)  # padding-only rows by default
+    for g, group in enumerate(batch.groups):  # left-padded: the cache's `start` masks the pads
+        start[g] = prefix_len - len(group.prefix)
+        prefix[g, start[g]:] = torch.tensor(group.prefix)
+    row_group = torch.zeros(n_rows, dtype=torch.long)
+    suffix = torch.full((n_rows, suffix_len), pad_id, dtype=torch.long)
+    positions = torch.zeros((n_rows, entries), dtype=torch.long)
+    targets = torch.zeros((n_rows, entries), dtype=torch.long)
+    for r, (g, row) in enumerate(batch.rows):
+        shared = len(batch.groups[g].prefix)
+        row_group[r] = g
+        suffix[r, :len(row.tokens) - shared] = torch.tensor(row.tokens[shared:])
+        positions[r, :len(row.positions)] = torch.tensor(row.positions) - shared
+        targets[r, :len(row.targets)] = torch.tensor(row.targets)
+    tensors = {"prefix": prefix, "start": start, "row_group": row_group, "suffix": suffix,
+               "positions": positions, "targets": targets}
+    return {k: v.to(device) for k, v in tensors.items()}
+
+
+def _token_scores(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logprobs = logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+    return logprobs, logits.argmax(-1) == targets
+
+
+def build_prefix_score_fn(config: llama.Config, kernels: llama.Kernels, dtype: torch.dtype) -> Callable:
+    """score(params, prefix [g, p], start [g], row_group [b], suffix [b, s], positions [b, e],
+    targets [b, e]) -> as `build_score_fn`'s, positions counted from the start of the suffix."""
+    def score(params: Any, prefix: torch.Tensor, start: torch.Tensor, row_group: torch.Tensor,
+              suffix: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor):
+        with torch.no_grad():
+            cache = llama.init_cache(config, prefix.shape[0], prefix.shape[1] + suffix.shape[1],
+                                     start=start, dtype=dtype, device=prefix.device)
+            _, cache = llama.hidden_states_with_cache(params, prefix, cache, config, kernels=kernels)
+            rows = {"layers": [{k: t.index_select(0, row_group) for k, t in layer.items()}
+                               for layer in cache["layers"]],
+                    "start": cache["start"].index_select(0, row_group), "index": cache["index"]}
+            hidden, _ = llama.hidden_states_with_cache(params, suffix, rows, config, kernels=kernels)
+            picked = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
+            return _token_scores(llama.logits(params, picked, config).float(), targets)
     return score
 
 
@@ -142,12 +281,13 @@ class Scorer:
     """Scores requests with `params` on this process's mesh (see the module docstring).
 
     tokens_per_batch: padded tokens per forward when `rows_per_batch` is not fixed.
+    share_prefixes: run the common beginning of rows once (single process, batches by tokens).
     """
 
     def __init__(self, params: Any, config: llama.Config, mesh: Mesh, rules: sharding.Rules, *,
                  kernels: llama.Kernels = llama.Kernels(), backend: str | Callable | None = None,
                  cache_dir: str | None = None, tokens_per_batch: int = 4096,
-                 rows_per_batch: int | None = None, pad_id: int = 0,
+                 rows_per_batch: int | None = None, share_prefixes: bool = True, pad_id: int = 0,
                  device: torch.device | str = "cpu"):
         self.params, self.config, self.mesh, self.rules = params, config, mesh, rules
         self.tokens_per_batch, self.rows_per_batch = tokens_per_batch, rows_per_batch
@@ -155,6 +295,12 @@ class Scorer:
         # torch.compile specialises on shapes: one graph per (rows, length, entries) bucket.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         self._score = jit_lib.jit(build_score_fn(config, kernels), backend, cache_dir=cache_dir)
+        # Shared prefixes go through the KV cache, which runs on plain tensors only: under a
+        # mesh every row is scored whole. A fixed `rows_per_batch` also scores rows whole.
+        self._share_prefixes = share_prefixes and mesh.device_mesh is None and rows_per_batch is None
+        dtype = pytree.leaves(params)[0].dtype
+        self._score_prefixed = jit_lib.jit(build_prefix_score_fn(config, kernels, dtype), backend,
+                                           cache_dir=cache_dir)
         self._constraint = sharding.activation_constraint(rules, mesh)
 
     def __call__(self, requests: Sequence[Request],
@@ -163,19 +309,26 @@ class Scorer:
 
         `progress(k)` is called as the requests of k more rows are done (on every rank)."""
         rows, truncated = plan_rows(requests, self.config.max_seq_len)
-        batches = make_batches(rows, self.tokens_per_batch, self.rows_per_batch)
+        groups: list[Group] = []
+        if self._share_prefixes:
+            groups, rows = group_by_prefix(rows)
         index, count = sharding.batch_shards(self.rules, self.mesh)
-        logprob = [0.0] * len(requests)
-        greedy = [True] * len(requests)
         done: list[tuple[int, int, float, bool]] = []  # (request, position, log p, greedy)
-        for step in _lockstep(batches, count):
-            mine = step[index]
-            lp, gr = self._run(mine)
-            for r, row in enumerate(mine.rows):
+
+        def collect(rows: Sequence[Row], lp: torch.Tensor, gr: torch.Tensor) -> None:
+            for r, row in enumerate(rows):
                 for e, req in enumerate(row.requests):
                     done.append((req, row.positions[e], float(lp[r, e]), bool(gr[r, e])))
             if progress is not None:
-                progress(sum(len(set(row.requests)) for b in step for row in b.rows))
+                progress(sum(len(set(row.requests)) for row in rows))
+
+        for batch in make_prefix_batches(groups, self.tokens_per_batch):
+            collect([row for _, row in batch.rows], *self._run_prefixed(batch))
+        for step in _lockstep(make_batches(rows, self.tokens_per_batch, self.rows_per_batch), count):
+            lp, gr = self._run(step[index])
+            collect(step[index].rows, lp, gr)
+        logprob = [0.0] * len(requests)
+        greedy = [True] * len(requests)
         for req, _, lp, gr in _gather(done):
             logprob[req] += lp
             greedy[req] = greedy[req] and gr
@@ -185,6 +338,12 @@ class Scorer:
         t = sharding.shard_batch(_tensors(batch, self.pad_id, self.device), self.rules, self.mesh)
         with implicit_replication(), use_constraint(self._constraint):
             lp, gr = self._score(self.params, t["tokens"], t["positions"], t["targets"])
+        return lp.cpu(), gr.cpu()
+
+    def _run_prefixed(self, batch: PrefixBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        t = _prefix_tensors(batch, self.pad_id, self.device)
+        lp, gr = self._score_prefixed(self.params, t["prefix"], t["start"], t["row_group"], t["suffix"],
+                                      t["positions"], t["targets"])
         return lp.cpu(), gr.cpu()
 
 

@@ -116,6 +116,32 @@ def test_single_token_choices_share_one_row_and_buckets_are_few():
     assert score.entries_bucket(3) == 4 and score.entries_bucket(1) == 1
 
 
+def test_shared_prefixes_run_once_and_score_like_whole_rows():
+    """MMLU-like requests: per subject one description + shots, then a question, four single-token
+    answers; plus HellaSwag-like ones: one context, four multi-token endings."""
+    g = torch.Generator().manual_seed(2)
+    rand = lambda n: tuple(torch.randint(3, 700, (n,), generator=g).tolist())
+    requests = []
+    for subject in range(3):
+        shots = (1,) + rand(60 + 10 * subject)
+        for _ in range(5):
+            question = rand(int(torch.randint(5, 40, (1,), generator=g)))
+            requests += [Request(shots + question, (c,)) for c in (10, 11, 12, 13)]
+    for _ in range(4):
+        context = (1,) + rand(45)
+        requests += [Request(context, rand(int(torch.randint(2, 12, (1,), generator=g)))) for _ in range(4)]
+    rows, _ = score.plan_rows(requests, MODEL.max_seq_len)
+    groups, alone = score.group_by_prefix(rows)
+    assert sorted(len(gr.rows) for gr in groups) == [4, 4, 4, 4, 5, 5, 5] and not alone
+    assert sorted(len(gr.prefix) for gr in groups)[-3:] == [61, 71, 81]  # the shots, nothing more
+    params = llama.init(MODEL, seed=1)
+    mesh = Mesh(None, {"data": 1, "fsdp": 1, "tensor": 1})
+    shared, _ = score.Scorer(params, MODEL, mesh, sharding.load_rules(), tokens_per_batch=256)(requests)
+    whole, _ = score.Scorer(params, MODEL, mesh, sharding.load_rules(), share_prefixes=False)(requests)
+    assert [r[0] for r in shared] == pytest.approx([r[0] for r in whole], abs=1e-4)
+    assert [r[1] for r in shared] == [r[1] for r in whole]
+
+
 def test_the_compiled_scorer_is_reused_across_batches():
     from torch._dynamo.testing import CompileCounter
     torch._dynamo.reset()

@@ -131,8 +131,3 @@ def test_cache_on_meta_device_and_its_axes():
     mesh = Mesh(None, {"data": 2, "fsdp": 2, "tensor": 8})
     split = sharding.mesh_axes_for(flat_axes["layers.0.k"], rules, mesh)
     assert split == [("data", "fsdp"), (), ("tensor",), ()]
-
-
-def test_cache_longer_than_the_model_context_is_refused():
-    with pytest.raises(ValueError, match="max_seq_len 256"):
-        llama.init_cache(TINY, 1, 300)
