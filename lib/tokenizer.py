@@ -254,7 +254,7 @@ ALPACA_PROMPT_WITH_INPUT = (
     "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
-TEMPLATES = ("alpaca", "llama2-chat", "llama3-instruct")
+TEMPLATES = ("alpaca", "llama2-chat", "llama3-instruct", "plain")
 
 
 class _Builder:
@@ -322,6 +322,24 @@ def apply_template(tok: Tokenizer, template: str, turns: Sequence[Turn]) -> tupl
             b.add(tok.encode(t.content.strip()) + [eot], trained)
         if turns[-1].role != "assistant":  # a prompt for generation: open the assistant header
             b.add([start] + tok.encode("assistant") + [end] + tok.encode("\n\n"), False)
+    elif template == "plain":
+        # No markup: each user text is followed by the answer and eos; a system text opens the first.
+        for i in range(0, len(body), 2):
+            user = body[i].content
+            if i == 0 and system is not None:
+                user = f"{system}\n\n{user}"
+            answer = body[i + 1].content if i + 1 < len(body) else None
+            b.add_round(tok, user, answer, bos=i == 0)
     else:
         raise UserError(f"unknown chat template {template!r}; valid: {', '.join(TEMPLATES)}")
     return b.ids, b.mask
+
+
+def end_of_turn_ids(tok: Tokenizer, template: str) -> list[int]:
+    """The tokens that end an assistant turn in `template`, the one that closes a turn first:
+    LLaMA-3's <|eot_id|> (then end-of-text), eos for the others. Generation stops on any of them."""
+    if template not in TEMPLATES:
+        raise UserError(f"unknown chat template {template!r}; valid: {', '.join(TEMPLATES)}")
+    if template == "llama3-instruct":
+        return [tok.token_id("<|eot_id|>"), tok.eos_id]
+    return [tok.eos_id]

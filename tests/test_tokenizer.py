@@ -6,7 +6,7 @@ import pytest
 
 from lib.data.corpus import procedural_documents
 from lib.errors import USER_ERRORS, UserError
-from lib.tokenizer import (ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT, Turn, apply_template, load_tokenizer,
+from lib.tokenizer import (ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT, Turn, apply_template, end_of_turn_ids, load_tokenizer,
                            train_sentencepiece)
 
 
@@ -175,3 +175,39 @@ def test_truncated_sentencepiece_model_names_the_file(tmp_path, sp, keep):
     with pytest.raises(UserError, match=rf"^{cut}: not a sentencepiece, tiktoken or tokenizer.json file, "
                                         r"or a truncated one \(.*could not parse ModelProto"):
         load_tokenizer(cut)
+
+
+def test_plain_template_and_end_of_turn_ids(sp, tmp_path):
+    ids, mask = apply_template(sp, "plain", [Turn("system", "S"), Turn("user", "Hi"), Turn("assistant", "Yo"),
+                                             Turn("user", "Again")])
+    assert ids[0] == sp.bos_id and ids.count(sp.bos_id) == 1 and ids.count(sp.eos_id) == 1
+    eos = ids.index(sp.eos_id)
+    assert sp.decode(ids[1:eos]) == "S\n\nHiYo" and sp.decode(ids[eos + 1:]) == "Again"
+    assert _trained(sp, ids, mask) == "Yo" and mask[eos] == 1 and not any(mask[eos + 1:])
+    assert end_of_turn_ids(sp, "llama2-chat") == [sp.eos_id]
+    _tiny_tiktoken(tmp_path / "tokenizer.model")
+    tok = load_tokenizer(tmp_path / "tokenizer.model")
+    assert end_of_turn_ids(tok, "llama3-instruct") == [tok.token_id("<|eot_id|>"), tok.eos_id]
+    with pytest.raises(UserError, match="unknown chat template"):
+        end_of_turn_ids(sp, "vicuna")
+
+
+@pytest.mark.parametrize("template", ["alpaca", "llama2-chat", "plain"])
+def test_a_conversation_encodes_as_its_earlier_part_plus_the_new_turn(sp, template):
+    """What runners.chat relies on to prefill only the new turn: the encoding of a conversation
+    with one more user turn starts with the encoding of the conversation before it."""
+    before = [Turn("system", "Be brief."), Turn("user", "Hi there"), Turn("assistant", "Hello.")]
+    ids, _ = apply_template(sp, template, before)
+    more, _ = apply_template(sp, template, before + [Turn("user", "And now?")])
+    assert more[:len(ids)] == ids and len(more) > len(ids)
+
+
+def test_a_llama3_conversation_encodes_as_its_earlier_part_plus_the_new_turn(tmp_path):
+    _tiny_tiktoken(tmp_path / "tokenizer.model")
+    tok = load_tokenizer(tmp_path / "tokenizer.model")
+    before = [Turn("system", "S"), Turn("user", "Hi"), Turn("assistant", "Yo")]
+    ids, _ = apply_template(tok, "llama3-instruct", before)
+    more, _ = apply_template(tok, "llama3-instruct", before + [Turn("user", "Again")])
+    assert more[:len(ids)] == ids and tok.decode(more[len(ids):]) == (
+        "<|start_header_id|>user<|end_header_id|>\n\nAgain<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n")
