@@ -36,6 +36,8 @@ class GenerateConfig:
     return_logprobs: bool = False    # per-token log-probabilities (ModelLink's return_output_log_probs)
     batch_size: int = 8              # prompts decoded together (runners.generate)
     compile: bool = True             # compile prefill and the decode step; false runs them eagerly
+    draft: str | None = None         # speculative decoding: a smaller LLaMA (HF dir or checkpoint)
+    draft_tokens: int = 4            # speculative decoding: tokens the draft proposes per target step
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -79,6 +81,8 @@ class GenerateConfig:
             raise ValueError(f"seed={self.seed} must be >= 0")
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size} must be >= 1")
+        if self.draft_tokens < 1:
+            raise ValueError(f"draft_tokens={self.draft_tokens} must be >= 1")
 
     def _check_combinations(self) -> None:
         if self.num_return_sequences > 1:
@@ -89,6 +93,9 @@ class GenerateConfig:
             if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
                 raise ValueError(f"num_return_sequences={self.num_return_sequences} must be <= "
                                  f"num_beams={self.num_beams} in beam search")
+        if self.draft is not None and self.num_beams > 1:
+            raise ValueError(f"draft={self.draft}: speculative decoding works with greedy decoding "
+                             f"and sampling, not beam search (num_beams={self.num_beams})")
 
     def _report_ignored(self) -> None:
         sampling_only = beam_only = []
