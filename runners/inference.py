@@ -99,7 +99,7 @@ class GenerationStats:
         return line
 
 
-class _Timed:
+class TimedModel:
     """A DecodeModel that clocks its first forward (the prefill) and the moment the first token
     is known (the next forward starts, or generation ends)."""
 
@@ -252,7 +252,7 @@ class Generator:
             (lambda row, token: on_token(indices[row // n], row % n, token))
         decode_text = self.tokenizer.decode if self.tokenizer is not None else None
         sync = lambda: device_lib.synchronize(self.dev)
-        model = _Timed(self.decoder(cfg.compile), sync)
+        model = TimedModel(self.decoder(cfg.compile), sync)
         sync()
         began = time.perf_counter()
         kw = dict(eos_ids=self.eos_ids, pad_id=0, decode_text=decode_text, on_token=stream)
