@@ -84,6 +84,7 @@ class GenerationStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0       # after the prefill
     first_token_seconds: list[float] = field(default_factory=list)  # per batch
+    compiled_graphs: int = 0          # graphs compiled meanwhile (their time is in the figures)
     speculative: speculative.SpeculativeStats | None = None
 
     def summary(self) -> str:
@@ -92,6 +93,8 @@ class GenerationStats:
                 f"{self.prompt_tokens / max(self.prefill_seconds, 1e-9):.1f} tokens/s, "
                 f"{self.new_tokens} new tokens at {self.new_tokens / max(self.decode_seconds, 1e-9):.1f} "
                 f"tokens/s, time to first token {ttft * 1000:.0f} ms")
+        if self.compiled_graphs:
+            line += f" (including compiling {self.compiled_graphs} graph(s) on first use)"
         if self.speculative is not None:
             s = self.speculative
             line += (f"; speculative: {s.tokens_per_step:.2f} tokens per target step, "
@@ -253,6 +256,7 @@ class Generator:
         decode_text = self.tokenizer.decode if self.tokenizer is not None else None
         sync = lambda: device_lib.synchronize(self.dev)
         model = TimedModel(self.decoder(cfg.compile), sync)
+        graphs = _compiled_graphs()
         sync()
         began = time.perf_counter()
         kw = dict(eos_ids=self.eos_ids, pad_id=0, decode_text=decode_text, on_token=stream)
@@ -273,12 +277,18 @@ class Generator:
             stats.prefill_seconds += prefilled - began
             stats.decode_seconds += ended - prefilled
             stats.first_token_seconds.append((model.first_token or ended) - began)
+            stats.compiled_graphs += _compiled_graphs() - graphs
             if spec is not None:
                 total = stats.speculative or speculative.SpeculativeStats()
                 stats.speculative = speculative.SpeculativeStats(
                     total.target_steps + spec.target_steps, total.proposed + spec.proposed,
                     total.accepted + spec.accepted)
         return results
+
+
+def _compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"]
 
 
 # ---------------------------------------------------------------------------------------------

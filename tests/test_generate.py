@@ -244,7 +244,7 @@ def test_chat_keeps_the_history_in_the_cache_and_replies_as_from_scratch(api):
 def test_chat_drops_the_oldest_exchanges_when_the_context_is_full(api):
     notices = []
     chat, _ = make_chat(api, template="plain", max_new=40, notice=notices.append)
-    for i in range(8):
+    for i in range(6):
         chat.reply(f"Tell me about item number {i} in some detail please")
         assert chat.decoder.written(chat.cache) <= len(chat.ids) <= chat.context
     assert any("dropped the oldest" in n for n in notices)
