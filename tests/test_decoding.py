@@ -162,6 +162,26 @@ def test_greedy_eos_in_the_middle_with_several_eos_ids(tmp_path_factory):
                     pad_id=PAD) == ours
 
 
+def test_greedy_and_beam_search_through_parallel_decode_eager(tmp_path_factory):
+    # the compiled path's DecodeModel, run eagerly (generate.compile=false)
+    from parallel.decode import Decoder
+
+    reference, model = family("llama3", tmp_path_factory)
+    decoder = Decoder(model.params, model.config, backend=None)
+    prompts = random_prompts(model.vocab_size, (6, 13, 2), seed=12)
+    free = generate(decoder, prompts, GenerateConfig(max_new_tokens=14, eos_token_id=[]))
+    eos = [free[0][0].output_ids[5], free[2][0].output_ids[9]]
+    for settings in (dict(), dict(num_beams=3, num_return_sequences=2)):
+        cfg = GenerateConfig(max_new_tokens=14, eos_token_id=eos, **settings)
+        ours = generate(decoder, prompts, cfg, pad_id=PAD)
+        out = hf_generate(reference, prompts, do_sample=False, max_new_tokens=14,
+                          eos_token_id=eos, output_scores=True, **settings)
+        n = cfg.num_return_sequences
+        assert [[s.output_ids for s in seqs] for seqs in ours] == \
+            [[until_eos(out.new_tokens[i * n + j], eos) for j in range(n)] for i in range(len(prompts))]
+    assert any(s.finish_reason == "eos" for seqs in ours for s in seqs)
+
+
 # ---------------------------------------------------------------------------------------------
 # Beam search
 
