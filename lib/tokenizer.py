@@ -33,9 +33,16 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]: ...
 
-    def decode(self, ids: Sequence[int]) -> str: ...
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of `ids`; ids past the tokenizer's vocabulary (a model's padded vocabulary can
+        produce them) have no text and are skipped."""
+        ...
 
     def token_id(self, piece: str) -> int: ...
+
+
+def _known(ids: Sequence[int], vocab_size: int) -> list[int]:
+    return [int(i) for i in ids if 0 <= int(i) < vocab_size]
 
 
 def _wrap(ids: list[int], bos_id: int, eos_id: int, bos: bool, eos: bool) -> list[int]:
@@ -61,7 +68,7 @@ class SentencePieceTokenizer:
         return _wrap(self._sp.encode(text), self.bos_id, self.eos_id, bos, eos)
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._sp.decode([int(i) for i in ids])
+        return self._sp.decode(_known(ids, self.vocab_size))
 
     def token_id(self, piece: str) -> int:
         i = self._sp.piece_to_id(piece)
@@ -125,7 +132,7 @@ class TiktokenTokenizer:
         return _wrap(ids, self.bos_id, self.eos_id, bos, eos)
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._enc.decode([int(i) for i in ids])
+        return self._enc.decode(_known(ids, self.vocab_size))
 
     def token_id(self, piece: str) -> int:
         if piece in self._specials:
@@ -182,7 +189,7 @@ class HFTokenizer:
         return _wrap(ids, self.bos_id, self.eos_id, bos, eos)
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+        return self._tok.decode(_known(ids, self.vocab_size), skip_special_tokens=False)
 
     def token_id(self, piece: str) -> int:
         i = self._tok.token_to_id(piece)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -29,12 +29,13 @@ from lib import cli, device, evals
 from lib import config as config_lib
 from lib.errors import UserError
 from lib.evals import report
-from lib.evals.doc import Doc, Scored
+from lib.evals.doc import Answered, Doc, Outcome, Scored
 from lib.evals.tokens import encode_pair
 from lib.tokenizer import Tokenizer, load_tokenizer
 from models import checkpoints, llama
-from parallel import kernels, score, sharding, train_step
+from parallel import kernels, score, sharding
 from parallel.mesh import MeshConfig, build_mesh
+from runners import inference
 
 # Documents scored per round: results reach samples.jsonl this often.
 CHUNK_DOCS = 512
@@ -55,8 +56,10 @@ class EvalConfig:
     limit: int | None = None            # first N documents of each task (of each exam subject)
     batch_size: int | None = None       # rows per forward; None: as many as fit tokens_per_batch
     tokens_per_batch: int = 4096        # padded tokens per forward when batch_size is None
-    method: Literal["loglikelihood"] = "loglikelihood"
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # loglikelihood: lm-eval's scoring. generate: ModelLink's way for the lettered exams (MMLU,
+    # C-Eval): greedy-generate max_new_tokens after the prompt, take the first choice letter.
+    method: Literal["loglikelihood", "generate"] = "loglikelihood"
+    max_new_tokens: int = 4
     compile: bool = True
 
     def __post_init__(self):
@@ -73,30 +76,23 @@ class EvalConfig:
             raise ValueError(f"batch_size={self.batch_size} must be >= 1")
         if self.tokens_per_batch < 1:
             raise ValueError(f"tokens_per_batch={self.tokens_per_batch} must be >= 1")
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    load: str | None = None   # an HF directory or a native checkpoint (root or step dir)
-
-
-@dataclass(frozen=True)
-class AdapterSource:
-    adapter: str | None = None  # a PEFT LoRA adapter directory applied on top
-
-
-@dataclass(frozen=True)
-class TokenizerSource:
-    tokenizer: str | None = None  # default: the model directory's, or the checkpoint's recorded one
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        lettered = ("mmlu", "ceval")
+        if self.method == "generate" and any(t not in lettered for t in self.tasks):
+            raise ValueError(f"method=generate answers lettered exams ({', '.join(lettered)}); "
+                             f"score {[t for t in self.tasks if t not in lettered]} with "
+                             "method=loglikelihood")
 
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    checkpoint: ModelSource = ModelSource()
-    lora: AdapterSource = AdapterSource()
-    data: TokenizerSource = TokenizerSource()
+    checkpoint: inference.ModelSource = inference.ModelSource()
+    lora: inference.AdapterSource = inference.AdapterSource()
+    data: inference.TokenizerSource = inference.TokenizerSource()
     eval: EvalConfig = EvalConfig()
     device: Literal["auto", "npu", "cuda", "cpu"] = "auto"
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on accelerators, fp32 on CPU
     mesh: MeshConfig = field(default_factory=MeshConfig)
     logical_axis_rules: tuple[tuple[str, Any], ...] = field(default_factory=sharding.rule_spec)
     out_dir: str = "runs/eval"
@@ -123,44 +119,71 @@ def task_docs(cfg: EvalConfig) -> list[Doc]:
     return docs
 
 
-def sample_line(s: Scored) -> dict:
-    return {"task": s.doc.task, "subject": s.doc.subject, "doc_index": s.doc.index,
-            "loglikelihoods": list(s.loglikelihoods), "prediction": s.prediction,
-            "prediction_norm": s.prediction_norm, "target": s.doc.target, "correct": s.correct}
+# A judge turns a chunk of documents into their outcomes and how many had to be truncated.
+Judge = Callable[[Sequence[Doc]], tuple[list[Outcome], int]]
 
 
-def evaluate(docs: Sequence[Doc], tok: Tokenizer, scorer: score.Scorer, samples_file=None,
-             show_progress: bool = True) -> tuple[list[Scored], int]:
-    """Every document scored, in order; writes one samples line per document as it is done.
-    Returns the scored documents and how many had a context truncated to fit the model."""
-    scored: list[Scored] = []
-    truncated_docs = 0
+def sample_line(o: Outcome) -> dict:
+    line = {"task": o.doc.task, "subject": o.doc.subject, "doc_index": o.doc.index}
+    if isinstance(o, Scored):
+        line["loglikelihoods"] = list(o.loglikelihoods)
+    else:
+        line["generated"] = o.text
+    return {**line, "prediction": o.prediction, "prediction_norm": o.prediction_norm,
+            "target": o.doc.target, "correct": o.correct}
+
+
+def by_loglikelihood(tok: Tokenizer, scorer: score.Scorer) -> Judge:
+    """lm-eval's multiple choice: every choice's continuation scored in one batched pass."""
+    def judge(docs: Sequence[Doc]) -> tuple[list[Outcome], int]:
+        requests, owner = [], []
+        for d, doc in enumerate(docs):
+            for cont in doc.continuations:
+                requests.append(encode_pair(tok, doc.context, cont))
+                owner.append(d)
+        results, truncated = scorer(requests)
+        lls: list[list[float]] = [[] for _ in docs]
+        for d, (ll, _) in zip(owner, results):
+            lls[d].append(ll)
+        return [Scored(doc, tuple(x)) for doc, x in zip(docs, lls)], len({owner[i] for i in truncated})
+    return judge
+
+
+def by_generation(tok: Tokenizer, generator: inference.Generator, cfg: EvalConfig) -> Judge:
+    """Greedy generation after the prompt; a prompt that leaves no room for max_new_tokens is
+    truncated on the left, as lm-eval's generate_until does."""
+    room = generator.config.max_seq_len - cfg.max_new_tokens
+    settings = dict(max_new_tokens=cfg.max_new_tokens, do_sample=False, compile=cfg.compile,
+                    batch_size=cfg.batch_size or 8)
+
+    def judge(docs: Sequence[Doc]) -> tuple[list[Outcome], int]:
+        prompts = [tok.encode(doc.context, bos=tok.adds_bos) for doc in docs]
+        truncated = sum(len(p) > room for p in prompts)
+        outputs = generator.generate([p[-room:] for p in prompts], **settings)
+        return [Answered(doc, seqs[0].text or "") for doc, seqs in zip(docs, outputs)], truncated
+    return judge
+
+
+def evaluate(docs: Sequence[Doc], judge: Judge, samples_file=None,
+             show_progress: bool = True) -> tuple[list[Outcome], int]:
+    """Every document judged, in order, a chunk at a time; each chunk's samples lines are
+    written when it is done. Returns the outcomes and how many contexts were truncated."""
+    outcomes: list[Outcome] = []
+    truncated = 0
     bar = tqdm(total=len(docs), desc="evaluate", unit="doc", disable=not show_progress,
                dynamic_ncols=True)
     try:
         for start in range(0, len(docs), CHUNK_DOCS):
-            chunk = docs[start:start + CHUNK_DOCS]
-            requests, owner = [], []
-            for d, doc in enumerate(chunk):
-                for cont in doc.continuations:
-                    requests.append(encode_pair(tok, doc.context, cont))
-                    owner.append(d)
-            results, truncated = scorer(requests)
-            lls: list[list[float]] = [[] for _ in chunk]
-            for d, (ll, _) in zip(owner, results):
-                lls[d].append(ll)
-            truncated_docs += len({owner[i] for i in truncated})
-            for doc, doc_lls in zip(chunk, lls):
-                s = Scored(doc, tuple(doc_lls))
-                scored.append(s)
-                if samples_file is not None:
-                    samples_file.write(json.dumps(sample_line(s), ensure_ascii=False) + "\n")
+            chunk, cut = judge(docs[start:start + CHUNK_DOCS])
+            outcomes += chunk
+            truncated += cut
             if samples_file is not None:
+                samples_file.writelines(json.dumps(sample_line(o), ensure_ascii=False) + "\n" for o in chunk)
                 samples_file.flush()
             bar.update(len(chunk))
     finally:
         bar.close()
-    return scored, truncated_docs
+    return outcomes, truncated
 
 
 def main(argv: Sequence[str]) -> int:
@@ -177,8 +200,9 @@ def main(argv: Sequence[str]) -> int:
     docs = task_docs(cfg.eval)  # read (and checked) before the model is loaded
 
     # Adapters merged: scoring never trains them, and the merged weights cost nothing extra.
+    dtype = inference.resolve_dtype(cfg.dtype, dev)
     model, params, _ = checkpoints.load_pretrained(
-        cfg.checkpoint.load, dtype=train_step.DTYPES[cfg.eval.dtype], device=dev.torch_device,
+        cfg.checkpoint.load, dtype=dtype, device=dev.torch_device,
         adapter=cfg.lora.adapter, merge_adapter=True)
     tok = load_tokenizer_for(cfg)
     if tok.vocab_size > model.vocab_size:
@@ -186,12 +210,19 @@ def main(argv: Sequence[str]) -> int:
                         f"is {model.vocab_size}: they do not belong together")
     params = sharding.shard_params(params, llama.param_axes(model), rules, mesh)
     attention = "reference" if mesh.device_mesh is not None else "auto"
-    scorer = score.Scorer(
-        params, model, mesh, rules, kernels=kernels.kernels_for(dev, attention),
-        backend=kernels.compile_backend(dev) if cfg.eval.compile else None,
-        cache_dir=str(Path(cfg.out_dir) / "inductor-cache"),
-        tokens_per_batch=cfg.eval.tokens_per_batch, rows_per_batch=cfg.eval.batch_size,
-        pad_id=tok.pad_id, device=dev.torch_device)
+    model_kernels = kernels.kernels_for(dev, attention)
+    cache_dir = str(Path(cfg.out_dir) / "inductor-cache")
+    if cfg.eval.method == "generate":
+        generator = inference.Generator(model, params, tok, dev=dev, dtype=dtype, mesh=mesh,
+                                        rules=rules, kernels=model_kernels, eos_ids=[tok.eos_id],
+                                        cache_dir=cache_dir)
+        judge = by_generation(tok, generator, cfg.eval)
+    else:
+        judge = by_loglikelihood(tok, score.Scorer(
+            params, model, mesh, rules, kernels=model_kernels,
+            backend=kernels.compile_backend(dev) if cfg.eval.compile else None, cache_dir=cache_dir,
+            tokens_per_batch=cfg.eval.tokens_per_batch, rows_per_batch=cfg.eval.batch_size,
+            pad_id=tok.pad_id, device=dev.torch_device))
 
     out = Path(cfg.out_dir)
     main_rank = dist_info.rank == 0
@@ -199,16 +230,17 @@ def main(argv: Sequence[str]) -> int:
         out.mkdir(parents=True, exist_ok=True)
     samples = open(out / "samples.jsonl", "w", encoding="utf-8") if main_rank else None
     try:
-        scored, truncated = evaluate(docs, tok, scorer, samples, show_progress=main_rank)
+        outcomes, truncated = evaluate(docs, judge, samples, show_progress=main_rank)
     finally:
         if samples is not None:
             samples.close()
-    summary = report.summarize(scored)
+    summary = report.summarize(outcomes)
     if main_rank:
         results = {"results": summary, "truncated_contexts": truncated,
                    "model": {"load": cfg.checkpoint.load, "adapter": cfg.lora.adapter,
                              "config": config_lib.to_dict(model)},
-                   "settings": config_lib.to_dict(cfg.eval), "world_size": dist_info.world_size,
+                   "settings": config_lib.to_dict(cfg.eval), "dtype": str(dtype).removeprefix("torch."),
+                   "world_size": dist_info.world_size,
                    "seconds": round(time.time() - started, 2)}
         tmp = out / "results.json.tmp"
         tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False))

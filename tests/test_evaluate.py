@@ -222,3 +222,28 @@ def test_a_native_checkpoint_scores_like_its_hf_directory(model_dir, tmp_path):
     hf_run = _run(model_dir, tmp_path / "hf", "eval.tasks=[boolq]")
     native_run = _run(tmp_path / "native", tmp_path / "out", "eval.tasks=[boolq]")  # tokenizer found via its origin
     assert [s["loglikelihoods"] for s in native_run] == [s["loglikelihoods"] for s in hf_run]
+
+
+def test_generate_method_answers_with_the_first_letter_of_greedy_text(model_dir, tmp_path):
+    """ModelLink's way: the text is transformers' greedy continuation of the same prompt."""
+    transformers = pytest.importorskip("transformers")
+    samples = _run(model_dir, tmp_path, "eval.method=generate", "eval.tasks=[mmlu,ceval]",
+                   "eval.max_new_tokens=3", "eval.limit=2")
+    assert len(samples) == 2 * 2 + 2 and all("generated" in s and "loglikelihoods" not in s for s in samples)
+    from lib.evals import load_docs
+    from lib.evals.doc import Answered
+    from lib.tokenizer import load_tokenizer
+    tok = load_tokenizer(model_dir / "tokenizer.model")
+    reference = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    docs = load_docs("mmlu", DATA / "mmlu" / "data", limit=2)
+    for doc, sample in zip(docs, samples):
+        ids = torch.tensor([tok.encode(doc.context, bos=True)[-(MODEL.max_seq_len - 3):]])  # left-truncated
+        out = reference.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=tok.eos_id)
+        text = tok.decode([t for t in out[0, ids.shape[1]:].tolist() if t != tok.eos_id])
+        assert sample["generated"] == text
+        assert sample["prediction"] == Answered(doc, text).prediction
+
+
+def test_generate_method_is_for_lettered_exams():
+    with pytest.raises(config_lib.ConfigError, match="method=generate answers lettered exams"):
+        config_lib.parse_argv(evaluate.EvaluateConfig, ["eval.method=generate", "eval.tasks=[mmlu,boolq]"])

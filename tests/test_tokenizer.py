@@ -211,3 +211,9 @@ def test_a_llama3_conversation_encodes_as_its_earlier_part_plus_the_new_turn(tmp
     assert more[:len(ids)] == ids and tok.decode(more[len(ids):]) == (
         "<|start_header_id|>user<|end_header_id|>\n\nAgain<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+def test_ids_past_the_vocabulary_decode_to_nothing(sp):
+    """A model's padded vocabulary (Megatron pads it) can emit ids the tokenizer has no piece for."""
+    ids = sp.encode("hello world")
+    assert sp.decode(ids + [sp.vocab_size, sp.vocab_size + 7]) == sp.decode(ids) == "hello world"

@@ -14,6 +14,7 @@ delimiter, its answer and the few-shot delimiter "\\n\\n", then the question its
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -72,6 +73,30 @@ class Scored:
     @property
     def correct_norm(self) -> bool:
         return self.prediction_norm == self.doc.target
+
+
+@dataclass(frozen=True)
+class Answered:
+    """A document answered by generating text (ModelLink's way for lettered exams): the
+    prediction is the first standalone choice letter of the text, -1 (wrong) when there is none."""
+    doc: Doc
+    text: str
+
+    @property
+    def prediction(self) -> int:
+        match = re.search(r"\b(" + "|".join(map(re.escape, self.doc.choices)) + r")\b", self.text)
+        return self.doc.choices.index(match.group(1)) if match else -1
+
+    prediction_norm = prediction
+
+    @property
+    def correct(self) -> bool:
+        return self.prediction == self.doc.target
+
+    correct_norm = correct
+
+
+Outcome = Scored | Answered
 
 
 def _per_char(loglikelihood: float, length: int) -> float:

@@ -10,7 +10,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 
 from lib.evals import WITH_ACC_NORM
-from lib.evals.doc import Scored
+from lib.evals.doc import Outcome
 from lib.evals.exams import MMLU_SUBJECTS
 
 
@@ -23,7 +23,7 @@ def _mean_and_stderr(values: Sequence[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / n)
 
 
-def _metrics(scored: Sequence[Scored], norm: bool) -> dict:
+def _metrics(scored: Sequence[Outcome], norm: bool) -> dict:
     acc, acc_stderr = _mean_and_stderr([float(s.correct) for s in scored])
     row = {"n": len(scored), "acc": acc, "acc_stderr": acc_stderr}
     if norm:
@@ -31,10 +31,10 @@ def _metrics(scored: Sequence[Scored], norm: bool) -> dict:
     return row
 
 
-def summarize(scored: Sequence[Scored]) -> dict:
+def summarize(scored: Sequence[Outcome]) -> dict:
     """{task: metrics}; for exams also {"subjects": {...}, "categories": {...} (MMLU),
     "macro_acc": ...}."""
-    by_task: dict[str, list[Scored]] = defaultdict(list)
+    by_task: dict[str, list[Outcome]] = defaultdict(list)
     for s in scored:
         by_task[s.doc.task].append(s)
     out = {}
@@ -42,13 +42,13 @@ def summarize(scored: Sequence[Scored]) -> dict:
         norm = task in WITH_ACC_NORM
         row = _metrics(items, norm)
         if items[0].doc.subject is not None:
-            by_subject: dict[str, list[Scored]] = defaultdict(list)
+            by_subject: dict[str, list[Outcome]] = defaultdict(list)
             for s in items:
                 by_subject[s.doc.subject].append(s)
             row["subjects"] = {k: _metrics(v, norm) for k, v in sorted(by_subject.items())}
             row["macro_acc"] = sum(m["acc"] for m in row["subjects"].values()) / len(by_subject)
             if task == "mmlu":
-                by_category: dict[str, list[Scored]] = defaultdict(list)
+                by_category: dict[str, list[Outcome]] = defaultdict(list)
                 for s in items:
                     by_category[MMLU_SUBJECTS.get(s.doc.subject, "other")].append(s)
                 row["categories"] = {k: _metrics(v, norm) for k, v in sorted(by_category.items())}
