@@ -17,9 +17,14 @@ Several processes: each rank calls `jax.distributed.initialize` (jax's coordinat
 torch's gloo/nccl group) so orbax can agree on one checkpoint. The coordinator listens on
 `MASTER_ADDR:MASTER_PORT+1` (torchrun sets both); that port must be free on the master host.
 
+Ranks may hold different keys (pipeline stages hold different layers): each rank writes the
+keys it holds, the checkpoint holds the union, and a restore reads whatever keys the target tree
+of each rank holds, so a state saved under one `pipe` size restores under another (or none).
+A key's jax array lives on the processes that hold it (a DTensor's mesh, or, for a plain tensor,
+the ranks holding it, replicated); before writing, the ranks exchange which keys each holds.
+
 Limits: one jax CPU device per process; a leaf whose sharding jax cannot express (uneven shards,
-`_StridedShard`) is gathered and written replicated; all ranks must hold the same tree of keys
-(pipeline stages holding different layers are not supported).
+`_StridedShard`) is gathered and written replicated.
 """
 from __future__ import annotations
 
@@ -181,6 +186,101 @@ def _global_array(shape: tuple[int, ...], sharding, host_piece: torch.Tensor):
     return jax.make_array_from_single_device_arrays(shape, sharding, [piece])
 
 
+# ---------------------------------------------------------------------------------------------
+# keys held by some ranks only (pipeline stages)
+#
+# orbax writes a jax array from the pieces each process holds, and needs a piece on every
+# process that saves. A key that only one pipeline stage holds is therefore spread over the
+# `spread` mesh (the `pipe` axis through each rank) for the write: its holder splits its block
+# along the first dim the pipe size divides and scatters the parts to its peers along `pipe`, so
+# each rank writes 1/pipe of its peers' blocks and the host memory of a save stays one share of
+# the state. The array's jax sharding is the stage's sharding with `pipe` added as the minor
+# split of that dim (the block copied whole to every peer when no dim divides).
+
+
+def _all_gather(obj: Any) -> list[Any]:
+    """`obj` of every rank, in rank order (torch's process group; [obj] without one)."""
+    import torch.distributed as dist
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _describe(sharding) -> tuple | None:
+    """A NamedSharding as picklable data (process of each mesh device, axis names, spec)."""
+    ranks = np.vectorize(lambda d: d.process_index, otypes=[int])(sharding.mesh.devices)
+    return ranks.tolist(), tuple(sharding.mesh.axis_names), tuple(sharding.spec)
+
+
+def _union(leaves: dict[str, torch.Tensor]) -> dict[str, tuple]:
+    """{key: (shape, dtype, holders, description)} over the keys of every rank, sorted.
+
+    A collective: every rank calls it. `description` is a DTensor's sharding (`_describe`);
+    None means whole on each holder (a plain tensor, or a layout jax cannot express)."""
+    def describe(t: torch.Tensor) -> tuple | None:
+        sharding = _sharding_of(t) if _is_dtensor(t) else None
+        return _describe(sharding) if sharding is not None else None
+    mine = {k: (tuple(t.shape), t.dtype, describe(t)) for k, t in leaves.items()}
+    union: dict[str, tuple] = {}
+    for rank, theirs in enumerate(_all_gather(mine)):
+        for key, (shape, dtype, description) in theirs.items():
+            if key in union:
+                union[key][2].append(rank)
+            else:
+                union[key] = (shape, dtype, [rank], description)
+    return dict(sorted(union.items()))
+
+
+def _spread(key: str, t: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype,
+            holders: list[int], description: tuple | None, spread, peers: list[list[int]]):
+    """(this rank's part of `key`, its jax sharding over every process), for a key held by one
+    rank of each `spread` group; a collective over the group (the holder scatters)."""
+    import torch.distributed as dist
+    from jax.sharding import NamedSharding, PartitionSpec
+    rank = dist.get_rank()
+    if spread is None:
+        raise UserError(f"checkpoint state key {key!r} is held by ranks {holders} only, but the "
+                        "checkpointer was given no `spread` mesh (the pipe axis) to write it through")
+    mine = peers[rank]
+    (holder,) = [r for r in mine if r in holders] or [None]
+    if holder is None:
+        raise UserError(f"checkpoint state key {key!r} is held by ranks {holders}, none of them in "
+                        f"this rank's pipe group {mine}")
+    p, axis = len(mine), spread.mesh_dim_names[0]
+    if description is None:  # whole on each holder
+        grid, names, spec = np.array(holders), ("holders",), [None] * len(shape)
+        block = list(shape)
+    else:
+        ranks, names, spec = description
+        grid = np.array(ranks)
+        spec = list(spec) + [None] * (len(shape) - len(spec))
+        sizes = dict(zip(names, grid.shape))
+        block = [n // int(np.prod([sizes[a] for a in _spec_axes(e)])) for n, e in zip(shape, spec)]
+    dim = next((d for d, n in enumerate(block) if n and n % p == 0), None)
+    part = list(block)
+    if dim is not None:
+        part[dim] //= p
+        spec[dim] = (*_spec_axes(spec[dim]), axis)
+    kind = spread.device_type
+    out = torch.empty(part, dtype=dtype, device=kind if kind == "cpu" else
+                      torch.device(kind, getattr(torch, kind).current_device()))
+    pieces = None
+    if rank == holder:
+        local, _ = _local_piece(t)
+        pieces = [c.contiguous() for c in local.chunk(p, dim)] if dim is not None else [local] * p
+    dist.scatter(out, pieces, src=holder, group=spread.get_group())
+    # grid[..] holds the holders' ranks; the peer at pipe coordinate i of each holds that part
+    world_grid = np.stack([np.vectorize(lambda r: peers[r][i], otypes=[int])(grid) for i in range(p)])
+    sharding = NamedSharding(_jax_mesh(world_grid, (axis, *names)), PartitionSpec(*spec))
+    return out, sharding
+
+
+def _spec_axes(entry) -> tuple[str, ...]:
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 def _fill(target: torch.Tensor, arr) -> torch.Tensor:
     """Copy a restored jax array (sharded like `target`, or whole) into `target`'s memory."""
     piece = _torch_view(arr if isinstance(arr, np.ndarray) else np.asarray(arr.addressable_shards[0].data))
@@ -315,19 +415,41 @@ def _saved_metadata(manager, step: int, where: Path) -> dict:
     return dict(saved)
 
 
-def _check_shapes(saved: dict, where: Path, wanted: dict[str, torch.Tensor], exact: bool) -> None:
+def _shape_problem(saved: dict, where: Path, wanted: dict[str, torch.Tensor], exact: bool,
+                   everyone: set[str] | None = None) -> str | None:
+    """Why `saved` cannot fill `wanted` (a missing key, another shape), else None. With `exact`,
+    a saved key that no rank wants is a problem too (`everyone`: the keys all ranks want,
+    default `wanted`)."""
     for key, t in wanted.items():
         if key not in saved:
-            raise UserError(f"checkpoint {where} has no {key!r} (model shape {tuple(t.shape)}); "
-                            "was it written for another model?")
+            return (f"checkpoint {where} has no {key!r} (model shape {tuple(t.shape)}); "
+                    "was it written for another model?")
         if tuple(saved[key].shape) != tuple(t.shape):
-            raise UserError(f"checkpoint {where}: {key!r} has shape {tuple(saved[key].shape)}, "
-                            f"the model expects {tuple(t.shape)}")
+            return (f"checkpoint {where}: {key!r} has shape {tuple(saved[key].shape)}, "
+                    f"the model expects {tuple(t.shape)}")
     if exact:
-        extra_keys = sorted(k for k in saved if k not in wanted)
+        extra_keys = sorted(k for k in saved if k not in (everyone or wanted))
         if extra_keys:
-            raise UserError(f"checkpoint {where} has {extra_keys[0]!r} (shape "
-                            f"{tuple(saved[extra_keys[0]].shape)}), which the model does not")
+            return (f"checkpoint {where} has {extra_keys[0]!r} (shape "
+                    f"{tuple(saved[extra_keys[0]].shape)}), which the model does not")
+    return None
+
+
+def _check_shapes(saved: dict, where: Path, wanted: dict[str, torch.Tensor], exact: bool) -> None:
+    problem = _shape_problem(saved, where, wanted, exact)
+    if problem:
+        raise UserError(problem)
+
+
+def _check_shapes_everywhere(saved: dict, where: Path, wanted: dict[str, torch.Tensor],
+                             exact: bool) -> None:
+    """`_check_shapes` for every rank's `wanted` (pipeline stages want different keys), as a
+    collective: all ranks raise the first problem of any, so none waits in a restore alone."""
+    everyone = {k for keys in _all_gather(sorted(wanted)) for k in keys}
+    problems = _all_gather(_shape_problem(saved, where, wanted, exact, everyone))
+    first = next((p for p in problems if p), None)
+    if first:
+        raise UserError(first)
 
 
 def _restore_into(manager, step: int, where: Path, wanted: dict[str, torch.Tensor], *,
@@ -411,14 +533,19 @@ class Reader:
 
 class Checkpointer:
     """Saves and restores the training state of this run; every rank constructs one and calls
-    every method (they synchronise inside)."""
+    every method (they synchronise inside).
 
-    def __init__(self, cfg: CheckpointConfig, rank: int = 0, world: int = 1):
+    `spread`: the 1-D DeviceMesh of the `pipe` axis through this rank, when pipeline stages hold
+    different keys (see "keys held by some ranks only")."""
+
+    def __init__(self, cfg: CheckpointConfig, rank: int = 0, world: int = 1, spread=None):
         if cfg.every < 1 or cfg.keep < 1:
             raise UserError(f"checkpoint.every and checkpoint.keep must be >= 1, got {cfg.every} and {cfg.keep}")
         if cfg.finetune and not cfg.load:
             raise UserError("checkpoint.finetune=true needs checkpoint.load=<checkpoint or HF dir>")
         self.cfg, self.rank, self.world = cfg, rank, world
+        self.spread = spread
+        self._peer_ranks: list[list[int]] | None = None
         _init_jax(rank, world)
         self._manager = None
         self._staging: dict[str, torch.Tensor] = {}
@@ -439,10 +566,15 @@ class Checkpointer:
             return False  # e.g. the last step of a run that resumed exactly there
         import orbax.checkpoint as ocp
         self.wait()  # orbax would wait too; and the staging buffers must be free again
+        leaves = _tensor_leaves(state)
         arrays = {}
-        for key, t in _tensor_leaves(state).items():
-            piece, sharding = _local_piece(t)
-            arrays[key] = _global_array(tuple(t.shape), sharding, self._host_copy(key, piece))
+        for key, (shape, dtype, holders, description) in _union(leaves).items():
+            if len(holders) == self.world:
+                piece, sharding = _local_piece(leaves[key])
+            else:  # one pipeline stage's: spread over the pipe axis to be written
+                piece, sharding = _spread(key, leaves.get(key), shape, dtype, holders, description,
+                                          self.spread, self._peers())
+            arrays[key] = _global_array(shape, sharding, self._host_copy(key, piece))
         try:
             self._manager.save(step, args=ocp.args.Composite(
                 **{STATE_ITEM: ocp.args.PyTreeSave(arrays), EXTRA_ITEM: ocp.args.JsonSave(extra or {})}),
@@ -450,6 +582,13 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for I/O
             raise self._save_error(e) from e
         return True
+
+    def _peers(self) -> list[list[int]]:
+        """For every rank, the ranks of its `spread` group in order (gathered once)."""
+        if self._peer_ranks is None:
+            mine = self.spread.mesh.flatten().tolist() if self.spread is not None else [self.rank]
+            self._peer_ranks = _all_gather(mine)
+        return self._peer_ranks
 
     def _host_copy(self, key: str, piece: torch.Tensor) -> torch.Tensor:
         """`piece` in host memory that training cannot touch until the save is committed.
@@ -513,8 +652,11 @@ class Checkpointer:
     def _restore_step(self, manager, step: int, where: Path, target: Any, flat_target: dict,
                       params_only: bool) -> tuple[Any, dict]:
         wanted = {k: v for k, v in flat_target.items() if not params_only or k.split(".")[0] == "params"}
-        _check_shapes(_saved_metadata(manager, step, where), where, wanted, exact=not params_only)
-        filled, extra = _restore_into(manager, step, where, wanted, partial=params_only, with_extra=True)
+        _check_shapes_everywhere(_saved_metadata(manager, step, where), where, wanted,
+                                 exact=not params_only)
+        # partial: each rank reads its own keys (pipeline stages want different ones); the
+        # check above makes sure the ranks together want every saved key.
+        filled, extra = _restore_into(manager, step, where, wanted, partial=True, with_extra=True)
         flat = {k: filled.get(k, v) for k, v in flat_target.items()}
         return pytree.unflatten_like(target, flat), {} if params_only else extra
 

@@ -17,6 +17,7 @@ towards zero (LLaMA has no biases). This is the Megatron and nanoGPT convention.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -150,12 +151,14 @@ def adamw_update(grads: PyTree, state: dict[str, Any], params: PyTree, lr: torch
 # Gradient norm and clipping
 
 
-def global_norm(tree: PyTree) -> torch.Tensor:
+def global_norm(tree: PyTree, sum_across: Callable[[torch.Tensor], torch.Tensor] | None = None
+                ) -> torch.Tensor:
     """sqrt(sum of squares of every element), as an fp32 0-dim plain tensor, on every rank.
 
     For a DTensor leaf, each rank squares its local shard and divides by the number of ranks
     holding a replica of that shard; one all-reduce over the mesh then sums every element once.
-    That is a single collective per mesh instead of one per leaf.
+    That is a single collective per mesh instead of one per leaf. `sum_across` adds the sums of
+    squares of the parts of the tree other ranks hold (pipeline stages) before the root.
     """
     local_total = None
     by_mesh: dict[Any, torch.Tensor] = {}
@@ -176,15 +179,20 @@ def global_norm(tree: PyTree) -> torch.Tensor:
     for mesh, sq in by_mesh.items():
         summed = DTensor.from_local(sq, mesh, [Partial()] * mesh.ndim, run_check=False)
         total = total + summed.full_tensor()
+    if sum_across is not None:
+        total = sum_across(total)
     return torch.sqrt(total)
 
 
-def clip_by_global_norm(grads: PyTree, max_norm: float) -> tuple[PyTree, torch.Tensor]:
+def clip_by_global_norm(grads: PyTree, max_norm: float,
+                        sum_across: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                        ) -> tuple[PyTree, torch.Tensor]:
     """Scale grads so their global norm is at most `max_norm` (as torch's clip_grad_norm_).
 
     Returns (clipped_grads, norm_before_clipping). max_norm <= 0 returns the grads unchanged.
+    `sum_across`: as in `global_norm`, when other ranks hold the rest of the gradients.
     """
-    norm = global_norm(grads)
+    norm = global_norm(grads, sum_across)
     if max_norm <= 0:
         return grads, norm
     scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)

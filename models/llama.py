@@ -11,7 +11,7 @@ mesh and compiles these functions. Weights are stored [in, out] (x @ w), as JAX 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -321,6 +321,28 @@ def transformer_layer(p: Params, x: torch.Tensor, cos, sin, segment_ids, config:
     return constrain(out, ("batch", "seq", "embed"))
 
 
+def embed(params: Params, tokens: torch.Tensor) -> torch.Tensor:
+    """Token embeddings [batch, seq, dim] of token ids [batch, seq]."""
+    return constrain(params["embed"][tokens], ("batch", "seq", "embed"))
+
+
+def decoder_layers(layers: Sequence[Params], x: torch.Tensor, config: Config, *,
+                   positions: torch.Tensor | None = None,
+                   segment_ids: torch.Tensor | None = None,
+                   kernels: Kernels = Kernels(),
+                   remat: Callable[[Callable], Callable] | None = None) -> torch.Tensor:
+    """Run the transformer layers `layers` (a slice of `params["layers"]`) over hidden states
+    x [batch, seq, dim]. `hidden_states` runs all of them; a pipeline stage runs its slice."""
+    if positions is None:
+        b, s = x.shape[:2]
+        positions = torch.arange(s, device=x.device).expand(b, s)
+    cos, sin = rope_cos_sin(config, positions, x.dtype)
+    layer_fn = remat(transformer_layer) if remat is not None else transformer_layer
+    for p in layers:
+        x = layer_fn(p, x, cos, sin, segment_ids, config, kernels)
+    return x
+
+
 def hidden_states(params: Params, tokens: torch.Tensor, config: Config, *,
                   positions: torch.Tensor | None = None,
                   segment_ids: torch.Tensor | None = None,
@@ -333,14 +355,8 @@ def hidden_states(params: Params, tokens: torch.Tensor, config: Config, *,
     kernels:     attention / norm / rope / swiglu functions (default `Kernels()`: pure torch, sdpa).
     remat:       wraps the per-layer function, e.g. activation checkpointing from `parallel/`.
     """
-    b, s = tokens.shape
-    if positions is None:
-        positions = torch.arange(s, device=tokens.device).expand(b, s)
-    x = constrain(params["embed"][tokens], ("batch", "seq", "embed"))
-    cos, sin = rope_cos_sin(config, positions, x.dtype)
-    layer_fn = remat(transformer_layer) if remat is not None else transformer_layer
-    for p in params["layers"]:
-        x = layer_fn(p, x, cos, sin, segment_ids, config, kernels)
+    x = decoder_layers(params["layers"], embed(params, tokens), config, positions=positions,
+                       segment_ids=segment_ids, kernels=kernels, remat=remat)
     return kernels.rms_norm(x, params["final_norm"], config.norm_eps)
 
 

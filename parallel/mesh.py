@@ -1,11 +1,18 @@
-"""The device mesh, from config: named axes `data`, `fsdp`, `tensor`.
+"""The device mesh, from config: named axes `pipe`, `data`, `fsdp`, `tensor` (outermost first).
 
     mesh = build_mesh(MeshConfig(fsdp=-1, tensor=2))      # on 8 ranks: fsdp=4, tensor=2
+    mesh = build_mesh(MeshConfig(pipe=2, fsdp=2))         # on 4 ranks: 2 stages of FSDP 2
 
 Axes of size 1 are left out of the torch `DeviceMesh` (a size-1 axis broke DTensor's sharding
 propagation for `bmm` on torch 2.13) but stay known by name: a rule that maps a logical axis to
 a size-1 mesh axis simply does not shard. With one process there is no DeviceMesh at all and
-every parameter stays a plain tensor. `pipe` and `context` axes would be new fields here.
+every parameter stays a plain tensor.
+
+`pipe` is not a sharding axis: it holds whole layers (`parallel.pipeline`). `Mesh.device_mesh`
+is the sub-mesh of this rank's pipeline stage (the other axes), so parameters, activations and
+batches are placed on the ranks of one stage only; `Mesh.pipe_mesh` is the 1-D mesh along `pipe`
+through this rank, whose group carries the activations between stages. A `context` axis would be
+a new field here.
 """
 from __future__ import annotations
 
@@ -17,12 +24,14 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from lib.errors import UserError
 
-AXES = ("data", "fsdp", "tensor")  # outermost first: `tensor` ranks are neighbours
+AXES = ("pipe", "data", "fsdp", "tensor")  # outermost first: `tensor` ranks are neighbours
+PIPE = "pipe"
 
 
 @dataclass(frozen=True)
 class MeshConfig:
     """Mesh axis sizes; one of them may be -1, meaning "whatever fills the world size"."""
+    pipe: int = 1
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
@@ -53,9 +62,19 @@ class MeshConfig:
 
 @dataclass(frozen=True)
 class Mesh:
-    """A DeviceMesh over the axes of size > 1, plus the size of every named axis."""
+    """A DeviceMesh over this stage's axes of size > 1, plus the size of every named axis.
+
+    device_mesh: the sharding axes (`data`, `fsdp`, `tensor`) of this rank's pipeline stage;
+    None when they are all of size 1. pipe_mesh: the `pipe` axis through this rank (None
+    without pipeline stages)."""
     device_mesh: DeviceMesh | None
     sizes: dict[str, int]
+    pipe_mesh: DeviceMesh | None = None
+
+    @property
+    def stage(self) -> int:
+        """This rank's coordinate along `pipe` (0 without pipeline stages)."""
+        return 0 if self.pipe_mesh is None else self.pipe_mesh.get_local_rank()
 
     @property
     def world_size(self) -> int:
@@ -80,6 +99,9 @@ def build_mesh(cfg: MeshConfig, device_type: str = "cpu") -> Mesh:
     kept = [(name, n) for name, n in sizes.items() if n > 1]
     if not kept:
         return Mesh(None, sizes)
-    device_mesh = init_device_mesh(device_type, tuple(n for _, n in kept),
-                                   mesh_dim_names=tuple(name for name, _ in kept))
-    return Mesh(device_mesh, sizes)
+    world = init_device_mesh(device_type, tuple(n for _, n in kept),
+                             mesh_dim_names=tuple(name for name, _ in kept))
+    if sizes[PIPE] == 1:
+        return Mesh(world, sizes)
+    stage_axes = tuple(name for name, _ in kept if name != PIPE)
+    return Mesh(world[stage_axes] if stage_axes else None, sizes, pipe_mesh=world[PIPE])

@@ -26,7 +26,7 @@ from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distr
 from lib import config as config_lib
 from lib import pytree
 from lib.errors import UserError
-from parallel.mesh import Mesh
+from parallel.mesh import PIPE, Mesh
 
 # As written in YAML: (logical name, mesh axis | [mesh axes] | null).
 RuleSpec = Sequence[tuple[str, str | Sequence[str] | None]]
@@ -46,6 +46,9 @@ def logical_axis_rules(spec: RuleSpec | Mapping[str, Any], mesh: Mesh | None = N
         if name in rules:
             raise UserError(f"logical_axis_rules: logical axis {name!r} has two rules")
         axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+        if PIPE in axes:
+            raise UserError(f"logical_axis_rules: rule {name!r} -> {PIPE!r}: the pipe axis holds whole "
+                            "layers (pipeline stages) and cannot split a tensor dimension")
         if mesh is not None:
             for axis in axes:
                 if axis not in mesh.sizes:

@@ -177,6 +177,36 @@ def _check_batch(batch: Batch) -> None:
             raise UserError(f"batch has no {key!r} (keys: {sorted(batch)})")
 
 
+def apply_gradients(state: State, grads: Any, loss: torch.Tensor, optim_cfg: optim.OptimizerConfig,
+                    step_cfg: TrainStepConfig,
+                    sum_across: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                    ) -> tuple[State, dict]:
+    """The second half of a step: the new state from the summed (loss-scaled) gradients of the
+    params, and the metrics. `loss` is the step's mean loss (unscaled). `sum_across` sums the
+    squared gradient norm over ranks holding other parameters (pipeline stages), so clipping
+    and the finite check see the whole model and every stage skips the same steps."""
+    params, scale = state["params"], state["loss_scale"]["scale"]
+    grads = sharding.shard_like(grads, params)
+    grads = pytree.tree_map(lambda g: g.float() / scale, grads)
+    grads, grad_norm = optim.clip_by_global_norm(grads, optim_cfg.grad_clip, sum_across)
+    # inf/nan anywhere makes the global norm non-finite. Such a step (an fp16 overflow, or a
+    # diverging run in any dtype) keeps the old params and moments, so the state, and any
+    # checkpoint of it, stays usable; torch.where keeps the graph free of data-dependent branches.
+    finite = torch.isfinite(grad_norm)
+    lr = optim.learning_rate(optim_cfg, state["step"])
+    new_params, new_opt = optim.adamw_update(grads, state["opt"], params, lr, optim_cfg)
+    keep = lambda new, old: torch.where(finite, new, old)
+    new_params = pytree.tree_map(keep, new_params, params)
+    new_opt = pytree.tree_map(keep, new_opt, state["opt"])
+    new_scale = optim.loss_scale_update(state["loss_scale"], finite, step_cfg.loss_scale) \
+        if step_cfg.dtype == "fp16" else state["loss_scale"]
+    new_state = {"params": new_params, "opt": new_opt, "step": state["step"] + 1,
+                 "loss_scale": new_scale}
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "loss_scale": scale,
+               "skipped": (~finite).to(torch.int64)}
+    return new_state, metrics
+
+
 def build_train_step(model_cfg: llama.Config, optim_cfg: optim.OptimizerConfig,
                      step_cfg: TrainStepConfig, mesh: Mesh, rules: sharding.Rules,
                      kernels: llama.Kernels | None = None, backend: str | Callable = "inductor",
@@ -193,7 +223,6 @@ def build_train_step(model_cfg: llama.Config, optim_cfg: optim.OptimizerConfig,
     inductor caches go under it. `forward`: the model as a function of the trained tree
     (default `models.llama.forward`; LoRA passes its adapter forward over a frozen base).
     """
-    fp16 = step_cfg.dtype == "fp16"
     remat, kernels = apply_remat(step_cfg.remat, kernels or default_kernels(mesh))
     forward = forward or base_forward(model_cfg)
 
@@ -217,25 +246,7 @@ def build_train_step(model_cfg: llama.Config, optim_cfg: optim.OptimizerConfig,
                 lambda p: token_loss_sum(p, mb) * (scale / n_tokens))(params)
             grads = g if grads is None else pytree.tree_map(torch.add, grads, g)
             loss = loss + l
-        grads = sharding.shard_like(grads, params)
-        grads = pytree.tree_map(lambda g: g.float() / scale, grads)
-        grads, grad_norm = optim.clip_by_global_norm(grads, optim_cfg.grad_clip)
-        # inf/nan anywhere makes the global norm non-finite. Such a step (an fp16 overflow, or a
-        # diverging run in any dtype) keeps the old params and moments, so the state, and any
-        # checkpoint of it, stays usable; torch.where keeps the graph free of data-dependent branches.
-        finite = torch.isfinite(grad_norm)
-        lr = optim.learning_rate(optim_cfg, state["step"])
-        new_params, new_opt = optim.adamw_update(grads, state["opt"], params, lr, optim_cfg)
-        keep = lambda new, old: torch.where(finite, new, old)
-        new_params = pytree.tree_map(keep, new_params, params)
-        new_opt = pytree.tree_map(keep, new_opt, state["opt"])
-        new_scale = optim.loss_scale_update(state["loss_scale"], finite, step_cfg.loss_scale) \
-            if fp16 else state["loss_scale"]
-        new_state = {"params": new_params, "opt": new_opt, "step": state["step"] + 1,
-                     "loss_scale": new_scale}
-        metrics = {"loss": _plain(loss) / scale, "grad_norm": grad_norm, "lr": lr,
-                   "loss_scale": scale, "skipped": (~finite).to(torch.int64)}
-        return new_state, metrics
+        return apply_gradients(state, grads, _plain(loss) / scale, optim_cfg, step_cfg)
 
     compiled = jit_lib.jit(step_fn, backend if step_cfg.compile else None,
                            cache_dir=cache_dir if step_cfg.compile else None)

@@ -15,7 +15,7 @@ from parallel.mesh import Mesh, MeshConfig, build_mesh
 
 
 def fake_mesh(**sizes) -> Mesh:
-    full = {"data": 1, "fsdp": 1, "tensor": 1, **sizes}
+    full = {"pipe": 1, "data": 1, "fsdp": 1, "tensor": 1, **sizes}
     kept = tuple(k for k, v in full.items() if v > 1)
     return Mesh(types.SimpleNamespace(mesh_dim_names=kept, ndim=len(kept)) if kept else None, full)
 
@@ -24,8 +24,9 @@ RULES = sharding.load_rules()
 
 
 def test_mesh_fill_axis_and_errors():
-    assert MeshConfig(fsdp=-1, tensor=2).resolve(8) == {"data": 1, "fsdp": 4, "tensor": 2}
-    assert MeshConfig(data=2, fsdp=1, tensor=2).resolve(4) == {"data": 2, "fsdp": 1, "tensor": 2}
+    assert MeshConfig(fsdp=-1, tensor=2).resolve(8) == {"pipe": 1, "data": 1, "fsdp": 4, "tensor": 2}
+    assert MeshConfig(data=2, fsdp=1, tensor=2).resolve(4) == {"pipe": 1, "data": 2, "fsdp": 1, "tensor": 2}
+    assert MeshConfig(pipe=2, fsdp=-1).resolve(8) == {"pipe": 2, "data": 1, "fsdp": 4, "tensor": 1}
     with pytest.raises(UserError, match="product 4 != world size 8"):
         MeshConfig(data=2, fsdp=2, tensor=1).resolve(8)
     with pytest.raises(UserError, match="not divisible"):
