@@ -126,9 +126,9 @@ def check(config: PipelineConfig, model: llama.Config, pipe: int, micro_batches:
     if config.schedule == "Interleaved1F1B":
         rounds = max(1, micro_batches // pipe)
         if micro_batches % rounds:
-            raise UserError(f"train.step.micro_batches={micro_batches}: Interleaved1F1B runs the "
-                            f"micro-batches in rounds of mesh.pipe={pipe}, so it needs a multiple "
-                            f"of {rounds} rounds (e.g. {rounds * pipe})")
+            raise UserError(f"train.step.micro_batches={micro_batches}: Interleaved1F1B runs them in "
+                            f"{rounds} rounds (micro_batches // mesh.pipe), which must divide them; "
+                            f"use a multiple of mesh.pipe={pipe}")
     return plan
 
 

@@ -6,16 +6,18 @@ Launched with torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT
 
 Each argument after WORK_DIR is one case: mesh sizes (`pipe`, `data`, `fsdp`, `tensor`) and
 pipeline options (`schedule=GPipe|1F1B|Interleaved1F1B`, `virtual=V`, `micro=M`, `remat=full`,
-`compiled=aot_eager`); `save=NAME` saves the state after the steps, `resume=NAME` starts from
-that checkpoint (written under another mesh) after the first `RESUME_AT` steps.
+`dtype=bf16`, `compiled=aot_eager`); `save=NAME` saves the state after RESUME_AT steps,
+`resume=NAME` starts from that checkpoint (written under another mesh) at that step. The case
+`agree` checks that pipeline stages agree to skip an fp16 step one of them overflowed.
 
 For every case the rank runs STEPS train steps of a 4-layer model on a global batch of 8 x 16
 tokens in MICRO micro-batches per rank and compares with a reference nobody here wrote the
 optimizer or the backward of: single-device eager gradients of the mean loss
 (models.llama.loss_fn, torch.autograd) fed to torch.nn.utils.clip_grad_norm_ and
 torch.optim.AdamW (eps=1: the first update is ~lr * g, so the parameters after step 1 expose the
-gradients; "grad" below is that difference divided by lr). The eval step's loss is compared
-with the reference's loss on the same batch. Rank 0 writes the maxima as JSON.
+gradients; "grad" below is that difference divided by lr). Losses are compared relatively (train
+and eval). The eval step's loss is compared with the reference's loss on the same batch. Rank 0
+writes the maxima as JSON.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed import _functional_collectives as funcol
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -82,6 +85,10 @@ def reference_run(params, data):
     return losses, norms, snapshots
 
 
+def rel(x: float, ref: float) -> float:
+    return abs(x - ref) / abs(ref)
+
+
 def parse_case(text: str) -> dict:
     items = dict(item.split("=") for item in text.split(","))
     sizes = {k: int(items.pop(k, 1)) for k in ("pipe", "data", "fsdp", "tensor")}
@@ -90,7 +97,7 @@ def parse_case(text: str) -> dict:
     case = {"mesh": MeshConfig(**sizes),
             "pipeline": PipelineConfig(schedule=schedule, virtual_stages=virtual),
             "step": TrainStepConfig(micro_batches=int(items.pop("micro", MICRO)),
-                                    remat=items.pop("remat", "none"),
+                                    remat=items.pop("remat", "none"), dtype=items.pop("dtype", "fp32"),
                                     compile="compiled" in items),
             "backend": items.pop("compiled", None), "save": items.pop("save", None),
             "resume": items.pop("resume", None)}
@@ -112,6 +119,9 @@ def _gathered(state_params, plan, mesh) -> dict:
 
 def run_case(text: str, params, data, reference, work_dir: Path) -> dict:
     case = parse_case(text)
+    # A fresh copy: states share storage with the params they start from, and a restore fills
+    # them in place.
+    params = pytree.tree_map(torch.clone, params)
     mesh = build_mesh(case["mesh"])
     rules = sharding.load_rules(mesh=mesh)
     plan = layout(case["pipeline"], MODEL.n_layers, mesh.size("pipe"))
@@ -141,7 +151,7 @@ def run_case(text: str, params, data, reference, work_dir: Path) -> dict:
         result["resumed_at"] = first
     for step in range(first, STEPS):
         state, metrics = train_step(state, local(data[step]))
-        result["loss"] = max(result["loss"], abs(float(metrics["loss"]) - ref_losses[step]))
+        result["loss"] = max(result["loss"], rel(float(metrics["loss"]), ref_losses[step]))
         result["grad_norm"] = max(result["grad_norm"], abs(float(metrics["grad_norm"]) - ref_norms[step]))
         mine = _gathered(state["params"], plan, mesh)
         ref = pytree.flatten_by_path(ref_params[step])
@@ -163,8 +173,28 @@ def run_case(text: str, params, data, reference, work_dir: Path) -> dict:
         eval_step = pipeline_step.build_eval_step(MODEL, case["step"], case["pipeline"], mesh, rules,
                                                   kernels=KERNELS)
         ref = float(llama.loss_fn(ref_params[-1], data[0], MODEL, kernels=KERNELS))
-        result["eval_loss"] = abs(float(eval_step(state["params"], local(data[0]))) - ref)
+        result["eval_loss"] = rel(float(eval_step(state["params"], local(data[0]))), ref)
     return result
+
+
+def agreement_case(work_dir: Path) -> dict:
+    """fp16 on `pipe` ranks holding different parameters, one of them with an overflowed
+    gradient: every stage must skip the step and back off the loss scale alike (the gradient
+    norm is summed over the pipe group before the finite check)."""
+    mesh = build_mesh(MeshConfig(pipe=dist.get_world_size()))
+    step_cfg = TrainStepConfig(dtype="fp16")
+    stage = mesh.stage
+    state = init_state({f"w{stage}": torch.ones(4)}, OPT, step_cfg)
+    grads = {f"w{stage}": torch.full((4,), float("inf") if stage == 0 else 1.0, dtype=torch.float16)}
+    group = mesh.pipe_mesh.get_group()
+    new, metrics = plain_step.apply_gradients(
+        state, grads, torch.tensor(1.0), OPT, step_cfg,
+        sum_across=lambda x: funcol.all_reduce(x, "sum", group))
+    seen = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, (int(metrics["skipped"]), float(new["loss_scale"]["scale"]),
+                                  bool(torch.equal(new["params"][f"w{stage}"].float(), torch.ones(4)))))
+    return {"skipped": [s[0] for s in seen], "scale": [s[1] for s in seen], "kept": [s[2] for s in seen],
+            "initial_scale": step_cfg.loss_scale.initial}
 
 
 def main() -> None:
@@ -174,7 +204,8 @@ def main() -> None:
     params = llama.init(MODEL, seed=0)
     data = batches()
     reference = reference_run(params, data)
-    results = {case: run_case(case, params, data, reference, Path(work_dir)) for case in cases}
+    results = {case: agreement_case(Path(work_dir)) if case == "agree" else
+               run_case(case, params, data, reference, Path(work_dir)) for case in cases}
     if dist.get_rank() == 0:
         tmp = Path(out_path).with_suffix(".tmp")
         tmp.write_text(json.dumps(results, indent=1))
