@@ -80,7 +80,7 @@ def reference_run(params, data):
         for group in opt.param_groups:
             group["lr"] = float(optim.learning_rate(OPT, step))
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         snapshots.append(pytree.tree_map(lambda p: p.detach().clone(), tree))
     return losses, norms, snapshots
 
