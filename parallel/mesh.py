@@ -92,6 +92,16 @@ class Mesh:
         return names.index(axis) if axis in names else None
 
 
+def require_no_stages(cfg: MeshConfig, what: str) -> None:
+    """Refuse `mesh.pipe` > 1 for runners that hold the whole model on each group of ranks
+    (evaluation and generation gather a pipeline-trained model to one stage group: its
+    checkpoint restores under any mesh)."""
+    if cfg.pipe != 1:
+        raise UserError(f"mesh.pipe={cfg.pipe}: {what} runs the whole model on every rank group, "
+                        "without pipeline stages; a checkpoint trained with stages loads under "
+                        "any mesh: split the model with mesh.tensor / mesh.fsdp instead")
+
+
 def build_mesh(cfg: MeshConfig, device_type: str = "cpu") -> Mesh:
     """The mesh for this process group (or a mesh of one when torch.distributed is not set up)."""
     world = dist.get_world_size() if dist.is_initialized() else 1

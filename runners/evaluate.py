@@ -34,7 +34,7 @@ from lib.evals.tokens import encode_pair
 from lib.tokenizer import Tokenizer, load_tokenizer
 from models import checkpoints, llama
 from parallel import kernels, score, sharding
-from parallel.mesh import MeshConfig, build_mesh
+from parallel.mesh import MeshConfig, build_mesh, require_no_stages
 from runners import inference
 
 # Documents scored per round: results reach samples.jsonl this often.
@@ -195,6 +195,7 @@ def main(argv: Sequence[str]) -> int:
     started = time.time()
     dev = device.detect(cfg.device)
     dist_info = device.init_distributed(dev)
+    require_no_stages(cfg.mesh, "runners.evaluate")
     mesh = build_mesh(cfg.mesh, dev.kind)
     rules = sharding.logical_axis_rules(cfg.logical_axis_rules, mesh)
     docs = task_docs(cfg.eval)  # read (and checked) before the model is loaded

@@ -35,7 +35,7 @@ from models import checkpoints, llama
 from parallel import kernels as kernels_lib
 from parallel import sharding
 from parallel.decode import Decoder
-from parallel.mesh import Mesh, MeshConfig, build_mesh
+from parallel.mesh import Mesh, MeshConfig, build_mesh, require_no_stages
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 Prompt = str | Seq[int]
@@ -309,6 +309,7 @@ def load(path: str | Path, *, adapter: str | Path | None = None, tokenizer: str 
     and rules). `settings`: GenerateConfig fields every `generate` call starts from."""
     dev = device_lib.detect(runtime.device)
     device_lib.init_distributed(dev)
+    require_no_stages(runtime.mesh, "generation")
     mesh = build_mesh(runtime.mesh, dev.kind)
     rules = sharding.logical_axis_rules(runtime.logical_axis_rules, mesh)
     dtype = resolve_dtype(runtime.dtype, dev)

@@ -24,7 +24,7 @@ from lib.data import DataConfig
 from lib.errors import UserError
 from models import hf, llama, lora, peft
 from parallel import sharding, train_step
-from parallel.mesh import MeshConfig
+from parallel.mesh import MeshConfig, require_no_stages
 from runners import trainer
 
 
@@ -68,6 +68,7 @@ def main(argv: Sequence[str]) -> int:
     if not cfg.data.paths:
         raise UserError("sft needs instruction data: set data.paths=[<prefix from runners.preprocess>]")
     cfg = dataclasses.replace(cfg, checkpoint=trainer.resolve_out_dirs(cfg.out_dir, cfg.checkpoint))
+    require_no_stages(cfg.mesh, "runners.sft")
     run = trainer.setup(cfg.train, cfg.mesh, cfg.logical_axis_rules, cfg.out_dir)
     model, params = trainer.initial_params(run, cfg.checkpoint.load, cfg.model, cfg.train.seed)
     cfg = dataclasses.replace(cfg, model=model)

@@ -17,7 +17,7 @@ from lib import pytree
 from lib.errors import UserError
 from models import llama
 from parallel import pipeline, sharding
-from parallel.mesh import MeshConfig
+from parallel.mesh import MeshConfig, require_no_stages
 from parallel.pipeline import PipelineConfig
 from tests.launch import spawn_ranks
 
@@ -74,6 +74,12 @@ def test_config_errors_name_key_and_value():
     with pytest.raises(cls, match=r"pipeline.virtual_stages=0 must be >= 1"):
         config_lib.from_dict(Holder, {"pipeline": {"virtual_stages": 0, "schedule": "Interleaved1F1B"}})
     assert MeshConfig(pipe=-1, fsdp=1, tensor=2).resolve(8)["pipe"] == 4
+
+
+def test_runners_without_stages_refuse_pipe():
+    require_no_stages(MeshConfig(fsdp=2), "runners.evaluate")
+    with pytest.raises(UserError, match=r"mesh.pipe=2: runners.evaluate runs the whole model"):
+        require_no_stages(MeshConfig(pipe=2), "runners.evaluate")
 
 
 @dataclasses.dataclass(frozen=True)
