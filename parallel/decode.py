@@ -11,7 +11,7 @@ Two compiled functions, the way gpt-fast has them:
   graph serves every token at every position. The cache is written in place (`index_copy_`,
   which inductor turns into a store of the new slot only; no copy of the cache per step).
 - prefill (a prompt, a new chat turn, a speculative block): compiled once per length bucket,
-  powers of two from 16. Tokens are padded on the right up to the bucket; the padding's keys
+  powers of two from 8. Tokens are padded on the right up to the bucket; the padding's keys
   land beyond the cache's index, where no query looks and the next write overwrites them, and
   the index then advances by the real length, a tensor too. A block that does not fit its
   bucket in the cache is split into power-of-two chunks (chunked prefill is exact).
@@ -48,15 +48,15 @@ from parallel.mesh import Mesh
 
 Cache = dict[str, Any]
 
-MIN_BUCKET = 16          # shortest prefill graph; also the cache's headroom beyond what is asked
-HEADROOM = MIN_BUCKET
+MIN_BUCKET = 8           # shortest prefill graph (a speculative block of up to 7 drafts fits)
+HEADROOM = 16            # cache slots beyond what is asked: room for a short block's padding
 MIN_CACHE = 256
 # Every (batch, cache length, bucket) is a graph: allow many before dynamo gives up on a function.
 RECOMPILE_LIMIT = 64
 
 
 def prefill_bucket(n: int) -> int:
-    """The padded length a prefill of `n` tokens compiles for: the next power of two >= 16."""
+    """The padded length a prefill of `n` tokens compiles for: the next power of two >= 8."""
     return max(MIN_BUCKET, 1 << (n - 1).bit_length())
 
 

@@ -46,7 +46,7 @@ def prompts_of(lengths, seed=0):
 
 
 def test_buckets_and_cache_sizes():
-    assert [decode.prefill_bucket(n) for n in (1, 16, 17, 100, 128, 129)] == [16, 16, 32, 128, 128, 256]
+    assert [decode.prefill_bucket(n) for n in (1, 8, 9, 16, 17, 100, 129)] == [8, 8, 16, 16, 32, 128, 256]
     assert decode.cache_length(20, 4096) == 256
     assert decode.cache_length(240, 4096) == 256          # 240 + 16 headroom
     assert decode.cache_length(241, 4096) == 384
