@@ -29,7 +29,10 @@ padded to a multiple of the batch shards.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -123,8 +126,8 @@ class Decoder:
                 raise ValueError("a mesh needs its logical_axis_rules")
             self.rules = rules
             params = sharding.shard_params(params, llama.param_axes(config), rules, self.mesh)
-            kernels = llama.Kernels(attention=sharded_attention(kernels.attention, rules, self.mesh),
-                                    rms_norm=kernels.rms_norm, rope=kernels.rope, swiglu=kernels.swiglu)
+            kernels = dataclasses.replace(
+                kernels, attention=sharded_attention(kernels.attention, rules, self.mesh))
             (split,) = sharding.mesh_axes_for(("batch",), rules, self.mesh)
             self._row_multiple = math.prod(self.mesh.size(a) for a in split)
             self._constraint = sharding.activation_constraint(rules, self.mesh)
@@ -133,8 +136,7 @@ class Decoder:
         self.params = params
         self.dtype = params["embed"].dtype
         self.device = _local(params["embed"]).device
-        self.compiled = backend is not None
-        if self.compiled:
+        if backend is not None:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
                                                        RECOMPILE_LIMIT)
 
@@ -248,10 +250,13 @@ class Decoder:
         replicated values; activations follow the rule table."""
         if self.mesh is None:
             return torch.no_grad()
-        from contextlib import ExitStack
-        stack = ExitStack()
-        for ctx in (torch.no_grad(), implicit_replication(), use_constraint(self._constraint)):
+        stack = contextlib.ExitStack()
+        for ctx in (torch.no_grad(), implicit_replication(), use_constraint(self._constraint),
+                    warnings.catch_warnings()):
             stack.enter_context(ctx)
+        # One-element index tensors (the slot of a decode step) are meant as replicated values;
+        # DTensor would say so at every call.
+        warnings.filterwarnings("ignore", message="Found a non-scalar tensor with numel=1")
         return stack
 
     def _sharded_cache(self, rows: int, length: int, start: torch.Tensor) -> Cache:
