@@ -91,7 +91,7 @@ def main(argv: list[str]) -> None:
     mesh = build_mesh(MeshConfig())
     rules = sharding.load_rules(mesh=mesh)
     params = llama.init(cfg, seed=0)
-    state = init_state(params, optim_cfg, step_cfg)
+    state = init_state(params, step_cfg)
     ours = build_train_step(cfg, optim_cfg, step_cfg, mesh, rules,  # sdpa attention: one process
                             cache_dir=Path(tempfile.gettempdir()) / "llamax-bench-inductor")
 

@@ -29,8 +29,13 @@ Limits: one jax CPU device per process; a leaf whose sharding jax cannot express
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import re
+import shutil
+import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -404,14 +409,19 @@ def _open_manager(root: Path, *, read_only: bool, keep: int = 1, async_save: boo
     return ocp.CheckpointManager(root.absolute(), options=options, item_handlers=handlers)
 
 
+class _Unreadable(UserError):
+    """A checkpoint step whose files cannot be read back (damaged), as opposed to one that does
+    not fit the model."""
+
+
 def _saved_metadata(manager, step: int, where: Path) -> dict:
     """{saved key: array metadata (.shape, .dtype)} of one step."""
     try:
         saved = manager.item_metadata(step)[STATE_ITEM].tree
     except Exception as e:  # noqa: BLE001 - orbax raises many types for unreadable metadata
-        raise UserError(f"cannot read checkpoint {where}: {type(e).__name__}: {e}") from e
+        raise _Unreadable(f"cannot read checkpoint {where}: {type(e).__name__}: {e}") from e
     if saved is None:
-        raise UserError(f"cannot read checkpoint {where}: no state metadata")
+        raise _Unreadable(f"cannot read checkpoint {where}: no state metadata")
     return dict(saved)
 
 
@@ -467,7 +477,7 @@ def _restore_into(manager, step: int, where: Path, wanted: dict[str, torch.Tenso
     try:
         restored = manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # noqa: BLE001
-        raise UserError(f"cannot read checkpoint {where}: {type(e).__name__}: {e}") from e
+        raise _Unreadable(f"cannot read checkpoint {where}: {type(e).__name__}: {e}") from e
     arrays = restored[STATE_ITEM]
     filled = {k: _fill(v, arrays[k]) for k, v in wanted.items()}
     extra = dict(restored[EXTRA_ITEM] or {}) if with_extra else {}
@@ -536,7 +546,14 @@ class Checkpointer:
     every method (they synchronise inside).
 
     `spread`: the 1-D DeviceMesh of the `pipe` axis through this rank, when pipeline stages hold
-    different keys (see "keys held by some ranks only")."""
+    different keys (see "keys held by some ranks only").
+
+    Faults: a state holding NaN/inf is never saved (UserError naming the tensor). A failed save
+    (full disk, unwritable dir) raises one UserError naming the step, at `save`/`poll`/`wait`,
+    once: its partial output is removed and the last committed step stays the latest. A
+    damaged latest step (unreadable metadata or arrays) is moved aside to `damaged-<step>-<time>`
+    with a warning and the previous step is used (`restore`, `latest_step` after `check_latest`).
+    """
 
     def __init__(self, cfg: CheckpointConfig, rank: int = 0, world: int = 1, spread=None):
         if cfg.every < 1 or cfg.keep < 1:
@@ -547,8 +564,11 @@ class Checkpointer:
         self.spread = spread
         self._peer_ranks: list[list[int]] | None = None
         _init_jax(rank, world)
+        _quiet_orbax_errors()
         self._manager = None
         self._staging: dict[str, torch.Tensor] = {}
+        self._pending: int | None = None   # the step of an async save not yet known to be committed
+        self._failed = False               # a save failed and was reported: do not report it twice
         if cfg.dir:
             _check_writable(Path(cfg.dir))  # every rank: each fails alike instead of hanging in a barrier
             self._manager = _open_manager(Path(cfg.dir), read_only=False, keep=cfg.keep,
@@ -559,7 +579,7 @@ class Checkpointer:
     def save(self, step: int, state: Any, extra: dict | None = None, *, force: bool = False) -> bool:
         """Save `state` (+ JSON `extra`) as `step` if it is a multiple of `every` (or `force`).
         Returns once the arrays are copied to host memory; with async_save the disk write goes
-        on in the background (call `wait()` before reading it back or exiting)."""
+        on in the background (`poll()` reports its failure, `wait()` blocks until committed)."""
         if self._manager is None or not (force or step % self.cfg.every == 0):
             return False
         if step in self._manager.all_steps():
@@ -567,6 +587,7 @@ class Checkpointer:
         import orbax.checkpoint as ocp
         self.wait()  # orbax would wait too; and the staging buffers must be free again
         leaves = _tensor_leaves(state)
+        self._check_finite(step, leaves)
         arrays = {}
         for key, (shape, dtype, holders, description) in _union(leaves).items():
             if len(holders) == self.world:
@@ -575,12 +596,15 @@ class Checkpointer:
                 piece, sharding = _spread(key, leaves.get(key), shape, dtype, holders, description,
                                           self.spread, self._peers())
             arrays[key] = _global_array(shape, sharding, self._host_copy(key, piece))
+        self._pending = step
         try:
             self._manager.save(step, args=ocp.args.Composite(
                 **{STATE_ITEM: ocp.args.PyTreeSave(arrays), EXTRA_ITEM: ocp.args.JsonSave(extra or {})}),
                 force=True)
         except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for I/O
-            raise self._save_error(e) from e
+            raise self._save_failed(e) from None
+        if not self.cfg.async_save:
+            self._pending = None
         return True
 
     def _peers(self) -> list[list[int]]:
@@ -589,6 +613,32 @@ class Checkpointer:
             mine = self.spread.mesh.flatten().tolist() if self.spread is not None else [self.rank]
             self._peer_ranks = _all_gather(mine)
         return self._peer_ranks
+
+    def _check_finite(self, step: int, leaves: dict[str, torch.Tensor]) -> None:
+        """Refuse to save NaN/inf: a poisoned checkpoint would be resumed from, and would replace
+        the good ones as older steps are deleted. Ranks agree (each checks its own pieces of the
+        keys it holds), so none saves alone."""
+        # This rank's shard of each leaf (no collective: states hold no Partial placements).
+        pieces = {k: t.to_local() if _is_dtensor(t) else t for k, t in leaves.items()
+                  if t.is_floating_point()}
+        floats = [k for k, p in pieces.items() if p.numel()]
+        bad_key = None
+        if floats:
+            bad = torch.stack([(~torch.isfinite(pieces[k])).any() for k in floats])
+            if bool(bad.any()):
+                bad_key = floats[int(bad.nonzero()[0, 0])]
+        if torch.distributed.is_initialized():
+            device = next(iter(pieces.values())).device if pieces else "cpu"
+            flag = torch.tensor(int(bad_key is not None), device=device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            if flag.item():
+                keys = [None] * torch.distributed.get_world_size()
+                torch.distributed.all_gather_object(keys, bad_key)
+                bad_key = next(k for k in keys if k is not None)
+        if bad_key is not None:
+            last = self.latest_step()
+            kept = f"; the last checkpoint (step {last}) is kept" if last is not None else ""
+            raise UserError(f"not saving step {step}: {bad_key!r} holds NaN or inf values{kept}")
 
     def _host_copy(self, key: str, piece: torch.Tensor) -> torch.Tensor:
         """`piece` in host memory that training cannot touch until the save is committed.
@@ -605,18 +655,34 @@ class Checkpointer:
         _copy(buf, piece)
         return buf
 
+    def poll(self) -> None:
+        """Raise now if the background save has finished with an error (cheap: call every step),
+        so a failure is reported at the step it is known, not at the next save."""
+        if self._pending is not None and not self._manager.is_saving_in_progress():
+            self.wait()
+
     def wait(self) -> None:
         """Block until the last async save is committed (raises its error, if any)."""
-        if self._manager is not None:
-            try:
-                self._manager.wait_until_finished()
-            except Exception as e:  # noqa: BLE001
-                raise self._save_error(e) from e
+        if self._manager is None or self._pending is None:
+            return
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise self._save_failed(e) from None
+        self._pending = None
 
-    def _save_error(self, e: Exception) -> UserError:
+    def _save_failed(self, e: Exception) -> UserError:
+        """Remove the failed step's partial output and say, once, what happened."""
+        step, self._pending, self._failed = self._pending, None, True
+        root = Path(self.cfg.dir)
+        if self.rank == 0:
+            for partial in root.glob(f"{step}.orbax-checkpoint-tmp*"):
+                shutil.rmtree(partial, ignore_errors=True)
         last = self.latest_step()
-        kept = f"; the last committed checkpoint (step {last}) is intact" if last is not None else ""
-        return UserError(f"saving a checkpoint to {self.cfg.dir} failed: {type(e).__name__}: {e}{kept}")
+        kept = (f"the last good checkpoint is step {last}" if last is not None
+                else "no checkpoint was committed")
+        return UserError(f"saving checkpoint step {step} to {root} failed: {_io_reason(e)}; its "
+                         f"partial output was removed and {kept}")
 
     # -- restoring ------------------------------------------------------------------------------
 
@@ -629,20 +695,69 @@ class Checkpointer:
         in `load` (an HF directory in `load` is the runner's to read)."""
         return self.latest_step() is not None or bool(self.cfg.load and is_native_checkpoint(self.cfg.load))
 
+    def check_latest(self) -> int | None:
+        """The latest step in `dir` whose metadata and `extra` read back; damaged newer steps are
+        moved aside with a warning. An error when no step is readable."""
+        while (step := self.latest_step()) is not None:
+            try:
+                _saved_metadata(self._manager, step, Path(self.cfg.dir) / str(step))
+                self.read_extra(step)
+                return step
+            except _Unreadable as e:
+                self._set_aside(step, e)
+        return None
+
+    def read_extra(self, step: int | None = None) -> dict:
+        """The JSON `extra` of `step` in `dir` (default: the latest)."""
+        import orbax.checkpoint as ocp
+        step = self.latest_step() if step is None else step
+        where = Path(self.cfg.dir) / str(step)
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(
+                **{EXTRA_ITEM: ocp.args.JsonRestore()}))
+        except Exception as e:  # noqa: BLE001
+            raise _Unreadable(f"cannot read checkpoint {where} (its extra JSON): "
+                              f"{type(e).__name__}: {e}") from e
+        return dict(restored[EXTRA_ITEM] or {})
+
+    def _set_aside(self, step: int, error: UserError) -> None:
+        """Move a damaged step out of orbax's sight (kept for inspection) and fall back to the
+        previous one; with no previous step the error stands."""
+        root = Path(self.cfg.dir)
+        previous = [s for s in self._manager.all_steps() if s < step]
+        if not previous:
+            raise UserError(f"{error}; it is the only checkpoint in {root}: delete {root / str(step)} "
+                            "to start afresh, or give another out_dir") from None
+        aside = root / f"damaged-{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if self.rank == 0:
+            os.replace(root / str(step), aside)
+            print(f"warning: checkpoint step {step} in {root} is damaged ({error}); moved it to "
+                  f"{aside.name} and using step {max(previous)}", file=sys.stderr, flush=True)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        self._manager.reload()
+
     def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict]:
         """The checkpointed state in `target`'s tree, dtypes, devices and placements, and `extra`.
 
         The values are copied into `target`'s tensors (materialized, not meta), which are returned.
 
-        Reads `dir` (the given or latest step) when it holds a checkpoint, else `load`; with
-        `finetune` a `load` gives params only (target's opt and step are kept) and extra {}."""
+        Reads `dir` (the given step, or the latest readable one: a damaged latest step is set
+        aside) when it holds a checkpoint, else `load`; with `finetune` a `load` gives params
+        only (target's opt and step are kept) and extra {}."""
         flat_target = _tensor_leaves(target)
         if step is not None or self.latest_step() is not None:
             root = Path(self.cfg.dir)
-            step = self.latest_step() if step is None else step
-            if step not in self._manager.all_steps():
-                raise UserError(f"no checkpoint for step {step} in {root} (have {self._manager.all_steps()})")
-            return self._restore_step(self._manager, step, root / str(step), target, flat_target, False)
+            if step is not None:
+                if step not in self._manager.all_steps():
+                    raise UserError(f"no checkpoint for step {step} in {root} (have {self._manager.all_steps()})")
+                return self._restore_step(self._manager, step, root / str(step), target, flat_target, False)
+            while (latest := self.check_latest()) is not None:
+                try:
+                    return self._restore_step(self._manager, latest, root / str(latest), target,
+                                              flat_target, False)
+                except _Unreadable as e:
+                    self._set_aside(latest, e)
         if not self.cfg.load:
             raise UserError("nothing to restore: no checkpoint in checkpoint.dir and no checkpoint.load")
         with Reader(self.cfg.load) as reader:
@@ -661,9 +776,59 @@ class Checkpointer:
         return pytree.unflatten_like(target, flat), {} if params_only else extra
 
     def close(self) -> None:
-        """Finish pending saves and release orbax's threads (and jax's process group)."""
+        """Finish pending saves and release orbax's threads. A save failure already reported is
+        not raised again (close runs while that error unwinds the run)."""
         if self._manager is not None:
-            self.wait()
-            self._manager.close()
-            self._manager = None
-        self._staging.clear()
+            try:
+                self.wait()
+            finally:
+                self._manager.close()
+                self._manager = None
+                self._staging.clear()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _io_reason(e: Exception) -> str:
+    """The OS reason inside a tensorstore/orbax error ("No space left on device"), else its text."""
+    text = str(e)
+    code = re.search(r"os_error_code='?(\d+)", text)
+    if code:
+        return f"{os.strerror(int(code.group(1)))} ({type(e).__name__})"
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return f"{type(e).__name__}: {text[:300]}"
+
+
+class _OrbaxErrorFilter(logging.Filter):
+    """orbax logs (through absl) a traceback from each of its threads a failed write passes
+    through; the same error is raised to the Checkpointer, which reports it once, so absl error
+    records that carry a traceback are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and record.exc_info is not None)
+
+
+def _quiet_orbax_errors() -> None:
+    absl_logger = logging.getLogger("absl")
+    if not any(isinstance(f, _OrbaxErrorFilter) for f in absl_logger.filters):
+        absl_logger.addFilter(_OrbaxErrorFilter())
+    if getattr(sys.unraisablehook, "__wrapped__", None) is None:
+        sys.unraisablehook = _ignore_closed_loop_callbacks(sys.unraisablehook)
+
+
+def _ignore_closed_loop_callbacks(previous):
+    """After a failed write, tensorstore completes its other writes into the asyncio loop that
+    orbax already closed; each prints an "Event loop is closed" traceback through
+    sys.unraisablehook. That is the same failure, reported once by the Checkpointer."""
+    def hook(unraisable) -> None:
+        e = unraisable.exc_value
+        if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+            return
+        previous(unraisable)
+    hook.__wrapped__ = previous
+    return hook

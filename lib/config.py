@@ -26,6 +26,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from lib.files import write_text_atomic
+
 T = TypeVar("T")
 
 PRESET_KEY = "preset"
@@ -286,14 +288,20 @@ def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] 
     return from_dict(cls, apply_overrides(raw, overrides))
 
 
+def parse_argv_raw(argv: Sequence[str]) -> dict:
+    """The config as the user wrote it: the optional leading YAML file with the `key=value`
+    overrides applied, before defaults and validation (what was given, and what was not)."""
+    argv = list(argv)
+    path = argv.pop(0) if argv and "=" not in argv[0] else None
+    raw = read_yaml(path) if path is not None else {}
+    return apply_overrides(raw, argv)
+
+
 def parse_argv(cls: type[T], argv: Sequence[str]) -> T:
     """Runner command lines: an optional leading YAML path, then `key=value` overrides."""
-    argv = list(argv)
-    path = None
-    if argv and "=" not in argv[0]:
-        path = argv.pop(0)
-    return load(cls, path, argv)
+    return from_dict(cls, parse_argv_raw(argv))
 
 
 def dump(obj: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))
+    """Write the config as YAML, atomically (a crash never leaves a truncated file)."""
+    write_text_atomic(path, yaml.safe_dump(to_dict(obj), sort_keys=False))

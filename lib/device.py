@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from lib import dtypes
 from lib.errors import UserError
 
 KINDS = ("auto", "npu", "cuda", "cpu")
@@ -182,8 +183,6 @@ _PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
     ("Ascend910B2", {"bf16": 376.0, "fp16": 376.0}),
     ("Ascend910B", {"bf16": 354.0, "fp16": 354.0}),
 )
-_DTYPE_KEYS = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-
 
 def _tf32_enabled() -> bool:
     return torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
@@ -191,7 +190,7 @@ def _tf32_enabled() -> bool:
 
 def table_peak_flops(device_name: str, dtype: torch.dtype, tf32: bool = False) -> float | None:
     """Datasheet dense peak FLOP/s of a named accelerator, None when not in the table."""
-    key = _DTYPE_KEYS.get(dtype)
+    key = dtypes.short_name(dtype) if dtype in dtypes.DTYPES.values() else None
     if key == "fp32" and tf32:
         key = "tf32"
     for pattern, peaks in _PEAK_TFLOPS:

@@ -1,4 +1,12 @@
-"""Files and folders made by libraries for temporaries get the user's umask once they are output.
+"""Writing files safely: atomically, and with the user's umask.
+
+    write_text_atomic(out / "config.yaml", text)
+    with atomic_path(out / "model.safetensors") as tmp:   # write `tmp` any way; renamed on success
+        save_file(tensors, str(tmp))
+
+An atomic write goes to `.<name>.tmp<pid>` beside the target (same filesystem, so the rename is
+atomic) and is renamed onto it only when complete: a reader, or a run restarted after a crash,
+sees the old file or the new one, never a half-written one; a failed write leaves no temporary.
 
 `tempfile.mkdtemp` makes 0700 folders and safetensors writes 0600 files: right for temporaries,
 wrong for an exported model directory that the user's group should read like everything else
@@ -6,9 +14,31 @@ the tools write with `open()` and `mkdir()`, which follow the umask.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path to write instead of `path`; renamed onto `path` when the block succeeds."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def umask() -> int:

@@ -28,6 +28,8 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
+from lib.files import atomic_path
+
 GIB = 1024**3
 
 
@@ -110,6 +112,15 @@ def _json_value(value: Any) -> Any:
     return value
 
 
+def _parse_line(line: bytes) -> dict | None:
+    """A metrics.jsonl record, or None for a line that is not one."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
+
+
 def _console_value(key: str, value: Any) -> str:
     if value is None:
         return "unknown"
@@ -149,15 +160,27 @@ class MetricsLogger:
                                      purge_step=None if resume_step is None else resume_step + 1)
 
     def _drop_lines_after(self, step: int) -> None:
+        """Keep the lines of steps <= `step`. A line that does not parse (the last one, cut
+        short by a kill mid-write) is dropped with a warning, not left to break the file."""
         if not self.jsonl_path.exists():
             return
-        lines = self.jsonl_path.read_text(encoding="utf-8").splitlines(keepends=True)
-        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
-        if len(kept) == len(lines):
+        lines = self.jsonl_path.read_bytes().splitlines(keepends=True)
+        kept, bad = [], []
+        for number, line in enumerate(lines, 1):
+            record = _parse_line(line)
+            if record is None:
+                if line.strip():
+                    bad.append(number)
+                continue
+            if record["step"] <= step:
+                kept.append(line if line.endswith(b"\n") else line + b"\n")
+        if bad:
+            print(f"warning: {self.jsonl_path}: dropped {len(bad)} unreadable line(s) (line "
+                  f"{', '.join(map(str, bad[:5]))}; cut short by a killed run?)", file=sys.stderr)
+        if kept == lines:
             return
-        tmp = self.jsonl_path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(kept), encoding="utf-8")
-        os.replace(tmp, self.jsonl_path)
+        with atomic_path(self.jsonl_path) as tmp:
+            tmp.write_bytes(b"".join(kept))
 
     def should_log(self, step: int) -> bool:
         return step % self.every == 0

@@ -4,6 +4,10 @@ One library flattens and unflattens every tree in this project: optree. It sorts
 while `torch.utils._pytree` keeps insertion order, so a leaf list made by one and rebuilt by the
 other lands on the wrong keys. Compare trees by path, never by leaf position across libraries.
 torch.compile traces these optree calls without graph breaks.
+
+Custom node types (LoRA's `LoraWeight`) are registered with `register_node`, in optree under this
+project's namespace (every helper here flattens in it) and in `torch.utils._pytree`, so
+torch.func and dynamo see through them as well.
 """
 from __future__ import annotations
 
@@ -14,6 +18,29 @@ import optree
 import torch
 
 PyTree = Any
+NAMESPACE = "llamax"  # optree keeps custom node registrations per namespace
+
+
+def register_node(cls: type, flatten: Callable[[Any], tuple[list, Any]],
+                  unflatten: Callable[[Any, list], Any]) -> None:
+    """Make `cls` a pytree node: `flatten(obj) -> (children, aux)`, `unflatten(aux, children)`.
+    `aux` is static data (hashable); children are subtrees."""
+    optree.register_pytree_node(cls, flatten, unflatten, namespace=NAMESPACE)
+    import torch.utils._pytree as torch_pytree
+    if cls in torch_pytree.SUPPORTED_NODES:
+        return
+    torch_pytree.register_pytree_node(
+        cls, lambda obj: flatten(obj), lambda children, aux: unflatten(aux, list(children)),
+        serialized_type_name=f"{cls.__module__}.{cls.__qualname__}")
+
+
+def flatten(tree: PyTree, is_leaf: Callable[[Any], bool] | None = None) -> tuple[list[Any], Any]:
+    """(leaves, treespec); `unflatten(treespec, leaves)` rebuilds the tree."""
+    return optree.tree_flatten(tree, is_leaf=is_leaf, namespace=NAMESPACE)
+
+
+def unflatten(spec: Any, leaves: list[Any]) -> PyTree:
+    return optree.tree_unflatten(spec, leaves)
 
 
 def path_str(path: tuple) -> str:
@@ -23,23 +50,23 @@ def path_str(path: tuple) -> str:
 
 def tree_map(fn: Callable[..., Any], tree: PyTree, *rest: PyTree,
              is_leaf: Callable[[Any], bool] | None = None) -> PyTree:
-    return optree.tree_map(fn, tree, *rest, is_leaf=is_leaf)
+    return optree.tree_map(fn, tree, *rest, is_leaf=is_leaf, namespace=NAMESPACE)
 
 
 def map_with_path(fn: Callable[..., Any], tree: PyTree, *rest: PyTree,
                   is_leaf: Callable[[Any], bool] | None = None) -> PyTree:
     """`fn(path, leaf, *other_leaves)` on every leaf; `path` is the dotted string."""
     return optree.tree_map_with_path(lambda p, *xs: fn(path_str(p), *xs), tree, *rest,
-                                     is_leaf=is_leaf)
+                                     is_leaf=is_leaf, namespace=NAMESPACE)
 
 
 def leaves(tree: PyTree) -> list[Any]:
-    return optree.tree_leaves(tree)
+    return optree.tree_leaves(tree, namespace=NAMESPACE)
 
 
 def flatten_by_path(tree: PyTree, is_leaf: Callable[[Any], bool] | None = None) -> dict[str, Any]:
     """{"layers.0.wq": leaf, ...}: a flat view whose keys survive any change of tree library."""
-    paths, values, _ = optree.tree_flatten_with_path(tree, is_leaf=is_leaf)
+    paths, values, _ = optree.tree_flatten_with_path(tree, is_leaf=is_leaf, namespace=NAMESPACE)
     return {path_str(p): v for p, v in zip(paths, values)}
 
 
@@ -47,7 +74,7 @@ def unflatten_like(target: PyTree, flat: dict[str, Any],
                    is_leaf: Callable[[Any], bool] | None = None) -> PyTree:
     """The tree of `target`'s structure whose leaves are `flat[path]` (the inverse of
     `flatten_by_path`, matched by path, never by position)."""
-    paths, _, spec = optree.tree_flatten_with_path(target, is_leaf=is_leaf)
+    paths, _, spec = optree.tree_flatten_with_path(target, is_leaf=is_leaf, namespace=NAMESPACE)
     return optree.tree_unflatten(spec, [flat[path_str(p)] for p in paths])
 
 
@@ -77,6 +104,17 @@ def max_abs_diff(a: PyTree, b: PyTree) -> tuple[float, str]:
     return worst, where
 
 
+def full_tensor(x: Any) -> Any:
+    """The whole tensor of a DTensor (a collective: every rank must call it); anything else as
+    it is. Duck-typed, so this module does not import torch.distributed."""
+    full = getattr(x, "full_tensor", None)
+    return full() if full is not None else x
+
+
+def gather(tree: PyTree) -> PyTree:
+    """Whole tensors of a (sharded) tree; a collective: every rank calls it."""
+    return tree_map(full_tensor, tree)
+
+
 def _full(x: Any) -> torch.Tensor:
-    full_tensor = getattr(x, "full_tensor", None)  # DTensor, without importing distributed here
-    return (full_tensor() if full_tensor is not None else torch.as_tensor(x)).detach()
+    return torch.as_tensor(full_tensor(x)).detach()

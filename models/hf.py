@@ -22,7 +22,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from lib import config as config_lib, files
+from lib import config as config_lib
+from lib import dtypes, files
 from lib.errors import UserError
 from models import llama
 
@@ -33,7 +34,7 @@ PYTORCH_BIN_INDEX = "pytorch_model.bin.index.json"
 
 # The one name table, used in both directions: our key -> (HF name, stored transposed?).
 # Linear weights are transposed ([out, in] in HF); embeddings and norms are not.
-_LAYER_NAMES: dict[str, tuple[str, bool]] = {
+LAYER_NAMES: dict[str, tuple[str, bool]] = {
     "attn_norm": ("input_layernorm.weight", False),
     "wq": ("self_attn.q_proj.weight", True),
     "wk": ("self_attn.k_proj.weight", True),
@@ -44,7 +45,7 @@ _LAYER_NAMES: dict[str, tuple[str, bool]] = {
     "w_up": ("mlp.up_proj.weight", True),
     "w_down": ("mlp.down_proj.weight", True),
 }
-_TOP_NAMES: dict[str, tuple[str, bool]] = {
+TOP_NAMES: dict[str, tuple[str, bool]] = {
     "embed": ("model.embed_tokens.weight", False),
     "final_norm": ("model.norm.weight", False),
     "lm_head": ("lm_head.weight", True),
@@ -52,18 +53,16 @@ _TOP_NAMES: dict[str, tuple[str, bool]] = {
 # Non-parameter buffers that older transformers versions saved into checkpoints.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-
 
 def hf_name_table(config: llama.Config) -> dict[str, tuple[tuple[str | int, ...], bool]]:
     """HF tensor name -> (path into our params tree, transposed?) for every parameter of `config`."""
     table = {}
-    for ours, (name, transposed) in _TOP_NAMES.items():
+    for ours, (name, transposed) in TOP_NAMES.items():
         if ours == "lm_head" and config.tie_embeddings:
             continue
         table[name] = ((ours,), transposed)
     for i in range(config.n_layers):
-        for ours, (name, transposed) in _LAYER_NAMES.items():
+        for ours, (name, transposed) in LAYER_NAMES.items():
             table[f"model.layers.{i}.{name}"] = (("layers", i, ours), transposed)
     return table
 
@@ -157,7 +156,7 @@ def config_to_hf(config: llama.Config, dtype: torch.dtype = torch.float32, *,
         "tie_word_embeddings": config.tie_embeddings,
         "attention_bias": False,
         "mlp_bias": False,
-        "torch_dtype": _DTYPE_NAMES[dtype],
+        "torch_dtype": dtypes.torch_name(dtype),
         # Written even when None: a missing key makes transformers assume LLaMA-1's ids 1 and 2.
         "bos_token_id": bos_token_id,
         "eos_token_id": eos_token_id,

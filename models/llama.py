@@ -13,17 +13,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from lib import config as config_lib
 from lib.constraints import constrain
+from lib.labels import IGNORE_INDEX
 from models import attention as attention_kernels
 
 Params = dict[str, Any]
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
@@ -480,10 +480,36 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
     return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
 
+class ForwardFn(Protocol):
+    """The model as a function of the tree being trained: `forward`'s keyword arguments plus
+    `training` (dropout on) and `key` (the counter-based random key dropout draws from,
+    `lib.prng`). `model_forward(config)` is the plain model; LoRA's `lora.forward_fn` runs
+    adapters over a frozen base."""
+
+    def __call__(self, params: Any, tokens: torch.Tensor, *, positions: torch.Tensor | None = None,
+                 segment_ids: torch.Tensor | None = None, kernels: Kernels = Kernels(),
+                 remat: Callable[[Callable], Callable] | None = None, training: bool = False,
+                 key: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+def model_forward(config: Config) -> ForwardFn:
+    """`forward` as a ForwardFn (the plain model has no dropout: `training` and `key` are unused)."""
+    def run(params: Params, tokens: torch.Tensor, *, training: bool = False,
+            key: torch.Tensor | None = None, **forward_kw) -> torch.Tensor:
+        return forward(params, tokens, config, **forward_kw)
+    return run
+
+
+def batch_loss(forward_fn: ForwardFn, params: Any, batch: dict[str, torch.Tensor], *,
+               reduction: str = "mean", **forward_kw) -> torch.Tensor:
+    """Token loss of a batch {"tokens", "labels", optional "positions", "segment_ids"}: the one
+    forward -> loss path of training, evaluation and the tests. `forward_kw` goes to `forward_fn`."""
+    logits = forward_fn(params, batch["tokens"], positions=batch.get("positions"),
+                        segment_ids=batch.get("segment_ids"), **forward_kw)
+    return cross_entropy(logits, batch["labels"], reduction)
+
+
 def loss_fn(params: Params, batch: dict[str, torch.Tensor], config: Config,
             **forward_kw) -> torch.Tensor:
-    """Mean token loss of a batch {"tokens", "labels", optional "positions", "segment_ids"}."""
-    logits = forward(params, batch["tokens"], config, positions=batch.get("positions"),
-                     segment_ids=batch.get("segment_ids"), **forward_kw)
-    return cross_entropy(logits, batch["labels"])
-
+    """Mean token loss of a batch under the plain model."""
+    return batch_loss(model_forward(config), params, batch, **forward_kw)

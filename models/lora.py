@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from lib import config as config_lib
+from lib import prng, pytree
 from models import llama
 
 Params = dict[str, Any]
@@ -117,55 +117,84 @@ class LoraWeight:
     `x @ LoraWeight(...)` works in plain Python (Tensor.__matmul__ gives up on a non-tensor and
     Python falls back to `__rmatmul__`); the model's `project` calls `__rmatmul__` directly, which
     torch.compile can trace. models/llama.py needs no LoRA hook.
+
+    A pytree node (`lib.pytree.register_node`): its children are the tensors w, a, b and the
+    dropout key, the rest is static. So tree utilities, torch.func and activation recompute
+    (`parallel.train_step.recompute_in_backward`) see the adapters inside a layer's params and
+    their gradients flow. Dropout draws from `key` (`lib.prng`): the recomputed forward draws
+    the masks the first one did.
     """
 
     def __init__(self, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
-                 dropout: float, training: bool):
-        self.w, self.a, self.b = w, a, b
+                 dropout: float, training: bool, key: torch.Tensor | None = None):
+        if training and dropout > 0 and key is None:
+            raise ValueError("LoRA dropout in training needs a random key (lib.prng)")
+        self.w, self.a, self.b, self.key = w, a, b, key
         self.scale, self.dropout, self.training = scale, dropout, training
 
     def __rmatmul__(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.dropout(x, self.dropout, training=self.training) if self.dropout > 0 else x
+        h = prng.dropout(x, self.dropout, self.key) if self.training and self.dropout > 0 else x
         return x @ self.w + (h @ self.a @ self.b) * self.scale
 
 
-def adapt(params: Params, adapters: Adapters, lora_cfg: LoraConfig, *,
-          training: bool = False) -> Params:
+pytree.register_node(
+    LoraWeight,
+    lambda w: ([w.w, w.a, w.b, w.key], (w.scale, w.dropout, w.training)),
+    lambda aux, children: LoraWeight(*children[:3], *aux, key=children[3]))
+
+
+def adapt(params: Params, adapters: Adapters, lora_cfg: LoraConfig, *, training: bool = False,
+          key: torch.Tensor | None = None) -> Params:
     """`params` whose targeted weights are `LoraWeight`s (base weight + adapter): what
     `models.llama.forward` runs as the adapted model, w + A@B never materialised.
 
-    training: apply LoRA dropout (masks from torch's global generator)."""
+    training: apply LoRA dropout, with masks drawn from `key` (each adapted weight folds in its
+    own layer and target, so no two share a mask).
+    """
     if len(adapters["layers"]) != len(params["layers"]):
         raise ValueError(f"adapters have {len(adapters['layers'])} layers, params {len(params['layers'])}")
+    dropping = training and lora_cfg.dropout > 0
+    if dropping and key is None:
+        raise ValueError("LoRA dropout in training needs a random key (lib.prng)")
+    targets = list(TARGETS.values())
     layers = []
-    for p, ad in zip(params["layers"], adapters["layers"]):
+    for i, (p, ad) in enumerate(zip(params["layers"], adapters["layers"])):
         layer = dict(p)
         for name, ab in ad.items():
+            weight_key = prng.fold_in(key, i * len(targets) + targets.index(name)) if dropping else None
             layer[name] = LoraWeight(p[name], ab["a"], ab["b"], lora_cfg.scale, lora_cfg.dropout,
-                                     training)
+                                     training, weight_key)
         layers.append(layer)
     return {**params, "layers": layers}
 
 
 def lora_forward(params: Params, adapters: Adapters, tokens: torch.Tensor, config: llama.Config,
-                 lora_cfg: LoraConfig, *, training: bool = False, **forward_kw) -> torch.Tensor:
+                 lora_cfg: LoraConfig, *, training: bool = False, key: torch.Tensor | None = None,
+                 **forward_kw) -> torch.Tensor:
     """Logits of the adapted model; `forward_kw` goes to `models.llama.forward`.
 
-    training: apply LoRA dropout, drawing masks from torch's global generator (the training
-    loop reseeds it from (seed, step), so a resumed run draws the same masks).
+    training: apply LoRA dropout, masks drawn from `key` (the train step makes it from the run's
+    seed and the step, so a resumed run draws the same masks).
     """
-    return llama.forward(adapt(params, adapters, lora_cfg, training=training), tokens, config,
-                         **forward_kw)
+    return llama.forward(adapt(params, adapters, lora_cfg, training=training, key=key), tokens,
+                         config, **forward_kw)
+
+
+def forward_fn(config: llama.Config, lora_cfg: LoraConfig, frozen: Params) -> llama.ForwardFn:
+    """The adapted model as a function of the trainable tree (`trainable`'s first half); the
+    base stays frozen. What the train step differentiates."""
+    def forward(train: Params, tokens: torch.Tensor, *, training: bool = False,
+                key: torch.Tensor | None = None, **forward_kw) -> torch.Tensor:
+        params, adapters = combine(train, frozen)
+        return lora_forward(params, adapters, tokens, config, lora_cfg, training=training, key=key,
+                            **forward_kw)
+    return forward
 
 
 def lora_loss_fn(train: Params, frozen: Params, batch: dict[str, torch.Tensor],
                  config: llama.Config, lora_cfg: LoraConfig, **forward_kw) -> torch.Tensor:
     """Mean token loss as a function of the trainable tree, for `torch.func.grad(argnums=0)`."""
-    params, adapters = combine(train, frozen)
-    logits = lora_forward(params, adapters, batch["tokens"], config, lora_cfg,
-                          positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
-                          **forward_kw)
-    return llama.cross_entropy(logits, batch["labels"])
+    return llama.batch_loss(forward_fn(config, lora_cfg, frozen), train, batch, **forward_kw)
 
 
 def trainable(params: Params, adapters: Adapters, lora_cfg: LoraConfig) -> tuple[Params, Params]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 from pathlib import Path
 
@@ -24,36 +23,25 @@ from safetensors.torch import load_file, save_file
 
 from lib import config as config_lib, files
 from lib.errors import UserError
-from models import llama
-from models.lora import Adapters, LoraConfig, Params, merge
+from models import hf, llama
+from models.lora import SAVABLE_MODULES, TARGETS, Adapters, LoraConfig, Params, merge
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 LEGACY_WEIGHTS_FILE = "adapter_model.bin"
 PREFIX = "base_model.model."
 
-# Our short target names <-> HF module names (PEFT's target_modules) and their place in a layer.
-HF_TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
-              "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
-_HF_BLOCK = {"q": "self_attn", "k": "self_attn", "v": "self_attn", "o": "self_attn",
-             "gate": "mlp", "up": "mlp", "down": "mlp"}
-_PARAM_OF = {"q": "wq", "k": "wk", "v": "wv", "o": "wo", "gate": "w_gate", "up": "w_up", "down": "w_down"}
-HF_MODULES = {"embed": "embed_tokens", "lm_head": "lm_head"}
-_MODULE_KEYS = {"embed": PREFIX + "model.embed_tokens.weight", "lm_head": PREFIX + "lm_head.weight"}
-_LORA_KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight")
+# Derived from the two name tables that exist (lora.TARGETS: "q" -> "wq"; models.hf: "wq" ->
+# "self_attn.q_proj.weight"): "q" -> its module path in an HF layer, and PEFT's module name.
+_HF_MODULE_PATH = {t: hf.LAYER_NAMES[p][0].removesuffix(".weight") for t, p in TARGETS.items()}
+HF_TARGETS = {t: path.rsplit(".", 1)[-1] for t, path in _HF_MODULE_PATH.items()}   # "q" -> "q_proj"
+_MODULE_KEYS = {m: PREFIX + hf.TOP_NAMES[m][0] for m in SAVABLE_MODULES}  # "embed" -> its HF key
+HF_MODULES = {m: key.removesuffix(".weight").rsplit(".", 1)[-1] for m, key in _MODULE_KEYS.items()}
+_LORA_KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(\w+)\.(\w+)\.lora_([AB])\.weight")
 
 
 def _lora_key(layer: int, target: str, which: str) -> str:
-    return f"{PREFIX}model.layers.{layer}.{_HF_BLOCK[target]}.{HF_TARGETS[target]}.lora_{which}.weight"
-
-
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    return f"{PREFIX}model.layers.{layer}.{_HF_MODULE_PATH[target]}.lora_{which}.weight"
 
 
 def save(path: str | Path, lora_cfg: LoraConfig, adapters: Adapters,
@@ -70,7 +58,7 @@ def save(path: str | Path, lora_cfg: LoraConfig, adapters: Adapters,
     tensors: dict[str, torch.Tensor] = {}
     for i, layer in enumerate(adapters["layers"]):
         for target in lora_cfg.target_modules:
-            ab = layer[_PARAM_OF[target]]
+            ab = layer[TARGETS[target]]
             tensors[_lora_key(i, target, "A")] = ab["a"].detach().T.contiguous().cpu()
             tensors[_lora_key(i, target, "B")] = ab["b"].detach().T.contiguous().cpu()
     if "embed" in modules:
@@ -95,12 +83,10 @@ def save(path: str | Path, lora_cfg: LoraConfig, adapters: Adapters,
     }
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    def write_weights(p: Path) -> None:
-        save_file(tensors, str(p), metadata={"format": "pt"})
-        files.follow_umask(p)  # safetensors writes 0600
-
-    _write_atomic(out / WEIGHTS_FILE, write_weights)
-    _write_atomic(out / CONFIG_FILE, lambda p: p.write_text(json.dumps(hf_config, indent=2) + "\n"))
+    with files.atomic_path(out / WEIGHTS_FILE) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        files.follow_umask(tmp)  # safetensors writes 0600
+    files.write_text_atomic(out / CONFIG_FILE, json.dumps(hf_config, indent=2) + "\n")
 
 
 def read_config(path: str | Path) -> LoraConfig:
@@ -169,13 +155,13 @@ def load(path: str | Path, dtype: torch.dtype | None = None
         layer, target, which = int(m.group(1)), hf_to_ours[m.group(3)], m.group(4)
         if target not in lora_cfg.target_modules:
             raise UserError(f"{path}: tensor {key!r} is for a module not in target_modules")
-        pairs.setdefault(layer, {}).setdefault(_PARAM_OF[target], {})[which.lower()] = cast(t.T)
+        pairs.setdefault(layer, {}).setdefault(TARGETS[target], {})[which.lower()] = cast(t.T)
     n_layers = max(pairs) + 1 if pairs else 0
     layers = []
     for i in range(n_layers):
         for target in lora_cfg.target_modules:
             for which in ("A", "B"):
-                if which.lower() not in pairs.get(i, {}).get(_PARAM_OF[target], {}):
+                if which.lower() not in pairs.get(i, {}).get(TARGETS[target], {}):
                     raise UserError(f"{path}: missing tensor {_lora_key(i, target, which)!r}")
         layers.append(pairs[i])
     for i, layer in enumerate(layers):
@@ -217,7 +203,7 @@ def _check_fits(path: Path, params: Params, adapters: Adapters, lora_cfg: LoraCo
     if len(adapters["layers"]) != len(params["layers"]):
         raise UserError(f"{path}: adapter has {len(adapters['layers'])} layers, "
                         f"the base model {len(params['layers'])}: it was made for another model")
-    param_to_target = {p: t for t, p in _PARAM_OF.items()}
+    param_to_target = {p: t for t, p in TARGETS.items()}
     for i, (p, ad) in enumerate(zip(params["layers"], adapters["layers"])):
         for name in lora_cfg.param_names:
             ab = ad[name]

@@ -20,6 +20,7 @@ from lib.device import Device, import_torch_npu
 from lib.errors import UserError
 from models import attention as attention_lib
 from models import llama
+from parallel.mesh import Mesh
 
 ATTENTION_CHOICES = ("auto", "reference", "sdpa", "npu_fusion")
 BACKEND_CHOICES = ("auto", "inductor", "eager", "torchair")
@@ -89,24 +90,37 @@ def npu_swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return torch_npu.npu_swiglu(torch.cat([gate, up], dim=-1), dim=-1)
 
 
-def attention_kernel(dev: Device, name: str = "auto") -> attention_lib.AttentionFn:
-    """The attention kernel for `dev`: auto = npu_fusion on NPU, sdpa on CUDA and CPU."""
+def attention_kernel(dev: Device | None, name: str = "auto", *, sharded: bool = False
+                     ) -> attention_lib.AttentionFn:
+    """The attention kernel: the one place that chooses it.
+
+    auto = npu_fusion on NPU, sdpa on CUDA and CPU (dev None: pure torch, sdpa); with `sharded`
+    params (a multi-device mesh) the reference kernel, because the fused kernels have no DTensor
+    sharding strategy (DESIGN.md), and asking for a fused one is an error.
+    """
     if name not in ATTENTION_CHOICES:
         raise UserError(f"attention={name!r} is not one of {', '.join(ATTENTION_CHOICES)}")
+    if sharded and name not in ("auto", "reference"):
+        raise UserError(f"train.attention={name} cannot run on DTensor shards yet; use "
+                        "train.attention=reference (or auto) with a multi-device mesh")
     if name == "auto":
-        name = "npu_fusion" if dev.kind == "npu" else "sdpa"
+        name = "reference" if sharded else "npu_fusion" if dev is not None and dev.kind == "npu" else "sdpa"
     if name == "npu_fusion":
-        if dev.kind != "npu":
-            raise UserError(f"attention=npu_fusion needs an Ascend NPU, but the device is {dev.kind}")
+        if dev is None or dev.kind != "npu":
+            raise UserError(f"attention=npu_fusion needs an Ascend NPU, but the device is "
+                            f"{dev.kind if dev else 'unknown'}")
         return npu_fusion_attention
     return attention_lib.KERNELS[name]
 
 
-def kernels_for(dev: Device, attention: str = "auto", fused: bool = True) -> llama.Kernels:
-    """The model's kernels on `dev`. On NPU, `fused` picks torch_npu's fused RMSNorm, RoPE and
-    SwiGLU (fused=False keeps the pure-torch ones, e.g. to bisect a numerical difference)."""
-    attn = attention_kernel(dev, attention)
-    if dev.kind == "npu" and fused:
+def kernels_for(dev: Device | None, attention: str = "auto", *, mesh: Mesh | None = None,
+                fused: bool = True) -> llama.Kernels:
+    """The model's kernels on `dev` (None: pure torch) and `mesh`. On NPU, `fused` picks
+    torch_npu's fused RMSNorm, RoPE and SwiGLU (fused=False keeps the pure-torch ones, e.g. to
+    bisect a numerical difference)."""
+    sharded = mesh is not None and mesh.device_mesh is not None
+    attn = attention_kernel(dev, attention, sharded=sharded)
+    if dev is not None and dev.kind == "npu" and fused:
         return llama.Kernels(attention=attn, rms_norm=npu_rms_norm, rope=npu_rope, swiglu=npu_swiglu)
     return llama.Kernels(attention=attn)
 

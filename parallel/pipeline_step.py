@@ -1,7 +1,7 @@
 """Pipeline-parallel train and eval steps, run by torch.distributed.pipelining's schedules.
 
     params = pipeline_step.stage_params(full_params, model_cfg, plan, mesh, rules)  # this rank's part
-    state = train_step.init_state(params, optim_cfg, step_cfg)
+    state = train_step.init_state(params, step_cfg)
     step = pipeline_step.build_train_step(model_cfg, optim_cfg, step_cfg, pipe_cfg, mesh, rules)
     state, metrics = step(state, local_batch)     # the contract of parallel.train_step
 
@@ -44,8 +44,10 @@ from torch.distributed.tensor.experimental import implicit_replication
 from lib import optim, pytree
 from lib.constraints import use_constraint
 from lib.errors import UserError
+from lib.labels import IGNORE_INDEX
 from models import llama
 from parallel import jit as jit_lib
+from parallel import kernels as kernels_lib
 from parallel import pipeline, sharding, train_step
 from parallel.mesh import Mesh
 from parallel.pipeline import Layout, PipelineConfig
@@ -68,10 +70,6 @@ def _device(mesh: Mesh) -> torch.device:
     if kind == "cpu":
         return torch.device("cpu")
     return torch.device(kind, getattr(torch, kind).current_device())
-
-
-def _plain(x: torch.Tensor) -> torch.Tensor:
-    return x.full_tensor() if isinstance(x, DTensor) else x
 
 
 class _Stage(torch.nn.Module):
@@ -112,7 +110,7 @@ class _TokenLoss:
         self.weight: torch.Tensor | None = None
 
         def loss(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-            return _plain(llama.cross_entropy(logits, labels, reduction="sum") * weight)
+            return pytree.full_tensor(llama.cross_entropy(logits, labels, reduction="sum") * weight)
         self._loss = jit_lib.jit(loss, backend, cache_dir=cache_dir)
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -175,7 +173,7 @@ class _Pipeline:
     def global_tokens(self, labels: torch.Tensor) -> torch.Tensor:
         """Valid labels in the global batch (every rank of the stage holds its rows)."""
         labels = sharding.shard_batch({"labels": labels}, self.rules, self.mesh)["labels"]
-        return torch.clamp(_plain((labels != llama.IGNORE_INDEX).sum()), min=1).float()
+        return torch.clamp(pytree.full_tensor((labels != IGNORE_INDEX).sum()), min=1).float()
 
     def run(self, params: Any, batch: Batch, weight: torch.Tensor, train: bool) -> torch.Tensor:
         """Run the schedule over `batch`; returns the sum of the per-micro-batch losses, equal
@@ -201,7 +199,7 @@ class _Pipeline:
 
 def _remat_and_kernels(step_cfg: train_step.TrainStepConfig, mesh: Mesh,
                        kernels: llama.Kernels | None):
-    return train_step.apply_remat(step_cfg.remat, kernels or train_step.default_kernels(mesh))
+    return train_step.apply_remat(step_cfg.remat, kernels or kernels_lib.kernels_for(None, mesh=mesh))
 
 
 def build_train_step(model_cfg: llama.Config, optim_cfg: optim.OptimizerConfig,

@@ -1,6 +1,6 @@
 """The train step, built from options and compiled as one graph.
 
-    state = init_state(params, optim_cfg, step_cfg)            # {"params", "opt", "step", "loss_scale"}
+    state = init_state(params, step_cfg)                       # {"params", "opt", "step", "loss_scale"}
     train_step = build_train_step(model_cfg, optim_cfg, step_cfg, mesh, rules)
     state, metrics = train_step(state, local_batch)            # metrics: loss, grad_norm, lr, ...
 
@@ -21,25 +21,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import optree
 import torch
-from torch.distributed.tensor import DTensor
-from torch.distributed.tensor.experimental import implicit_replication
 
-from lib import optim, pytree
-from lib.constraints import use_constraint
+from lib import dtypes, optim, prng, pytree
 from lib.errors import UserError
-from models import attention as attention_kernels
+from lib.labels import IGNORE_INDEX
 from models import llama
+from models.llama import ForwardFn
 from parallel import jit as jit_lib
+from parallel import kernels as kernels_lib
 from parallel import sharding
 from parallel.mesh import Mesh
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 State = dict[str, Any]
 Batch = dict[str, torch.Tensor]
-# forward(params, tokens, *, positions, segment_ids, kernels, remat, training) -> logits
-ForwardFn = Callable[..., torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -90,15 +85,29 @@ def recompute_in_backward(fn: Callable) -> Callable:
     def wrapped(*args, **kwargs):
         # Keyword arguments stay out of the flattening: dynamo cannot rebuild the treespec of an
         # empty kwargs dict (optree's DictMetaData) inside the autograd Function.
-        leaves, spec = optree.tree_flatten(args)
+        # lib.pytree's namespace: LoRA's LoraWeight is a node there, so its tensors (adapters,
+        # base weight) are among the leaves and get gradients.
+        leaves, spec = pytree.flatten(args)
         diff = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor) and x.is_floating_point()]
 
         def call(*tensors):
             full = list(leaves)
             for i, t in zip(diff, tensors):
                 full[i] = t
-            return fn(*optree.tree_unflatten(spec, full), **kwargs)
-        return _RecomputeInBackward.apply(call, *[leaves[i] for i in diff])
+            return fn(*pytree.unflatten(spec, full), **kwargs)
+        tensors = [leaves[i] for i in diff]
+        needs_grad = False
+        for t in tensors:  # a loop: dynamo cannot trace any() over a generator
+            needs_grad = needs_grad or t.requires_grad
+        if not needs_grad:
+            # Nothing to differentiate, nothing to recompute: a plain call. (dynamo inlines a
+            # Function none of whose inputs needs grad as a plain call too, but passes it its
+            # context first, which this Function's signature cannot take. Under torch.compile,
+            # dynamo sees the tensors `grad_and_value` differentiates as not needing grad where
+            # they enter unchanged: with LoRA over a frozen embedding, the first layer runs
+            # without recompute, with the same result.)
+            return fn(*args, **kwargs)
+        return _RecomputeInBackward.apply(call, *tensors)
     return wrapped
 
 
@@ -122,11 +131,12 @@ def apply_remat(mode: str, kernels: llama.Kernels) -> tuple[Callable | None, lla
 # State
 
 
-def init_state(params: Any, optim_cfg: optim.OptimizerConfig, step_cfg: TrainStepConfig) -> State:
+def init_state(params: Any, step_cfg: TrainStepConfig) -> State:
     """Training state from (sharded) fp32 params: params cast to the step dtype, fp32 moments
-    (and fp32 master weights when that dtype is bf16/fp16), step 0 and the fp16 loss scale."""
-    del optim_cfg  # AdamW's state does not depend on its hyper-parameters
-    dtype = DTYPES[step_cfg.dtype]
+    (and fp32 master weights when that dtype is bf16/fp16), step 0 and the fp16 loss scale.
+    The one place that makes master weights: whatever the params were loaded from, the master
+    copy is made from them here."""
+    dtype = dtypes.torch_dtype(step_cfg.dtype)
     master = pytree.tree_map(lambda p: p.detach().float(), params)
     opt = optim.adamw_init(master)
     if dtype != torch.float32:
@@ -142,25 +152,6 @@ def init_state(params: Any, optim_cfg: optim.OptimizerConfig, step_cfg: TrainSte
 
 # ---------------------------------------------------------------------------------------------
 # The step
-
-
-def base_forward(model_cfg: llama.Config) -> ForwardFn:
-    """`models.llama.forward` as a ForwardFn (the plain model behaves the same in training)."""
-    def forward(params: Any, tokens: torch.Tensor, *, training: bool, **kw) -> torch.Tensor:
-        return llama.forward(params, tokens, model_cfg, **kw)
-    return forward
-
-
-def default_kernels(mesh: Mesh) -> llama.Kernels:
-    """The model's pure-torch kernels; on a sharded mesh with reference attention, because
-    F.scaled_dot_product_attention has no DTensor sharding strategy on CPU (DESIGN.md)."""
-    if mesh.device_mesh is None:
-        return llama.Kernels()
-    return llama.Kernels(attention=attention_kernels.reference)
-
-
-def _plain(x: torch.Tensor) -> torch.Tensor:
-    return x.full_tensor() if isinstance(x, DTensor) else x
 
 
 def _split_micro_batches(local_batch: Batch, n: int) -> list[Batch]:
@@ -211,55 +202,51 @@ def build_train_step(model_cfg: llama.Config, optim_cfg: optim.OptimizerConfig,
                      step_cfg: TrainStepConfig, mesh: Mesh, rules: sharding.Rules,
                      kernels: llama.Kernels | None = None, backend: str | Callable = "inductor",
                      cache_dir: str | None = None, forward: ForwardFn | None = None,
-                     ) -> Callable[[State, Batch], tuple[State, dict]]:
+                     seed: int = 0) -> Callable[[State, Batch], tuple[State, dict]]:
     """`train_step(state, local_batch) -> (new_state, metrics)`.
 
     metrics (plain 0-dim tensors, equal on every rank): "loss" (mean over the valid tokens of
     the global batch, before the update), "grad_norm" (before clipping, after unscaling), "lr",
     "loss_scale" and "skipped" (1 when non-finite gradients skipped the update).
-    `kernels` (from `parallel.kernels.kernels_for`) must run on this mesh; None picks
-    `default_kernels(mesh)`. `backend`: the torch.compile backend (`parallel.kernels.
+    `kernels` (from `parallel.kernels.kernels_for`) must run on this mesh; None picks the pure
+    torch kernels for it. `backend`: the torch.compile backend (`parallel.kernels.
     compile_backend(dev)`; unused when step_cfg.compile is False). `cache_dir`: per-rank
     inductor caches go under it. `forward`: the model as a function of the trained tree
-    (default `models.llama.forward`; LoRA passes its adapter forward over a frozen base).
+    (default the plain model; LoRA passes its adapter forward over a frozen base). `seed`: the
+    dropout key of micro-batch i at step s is fold_in(fold_in(seed, s), i) (`lib.prng`), so the
+    masks are a function of (seed, step): a resumed run draws what an uninterrupted one would.
     """
-    remat, kernels = apply_remat(step_cfg.remat, kernels or default_kernels(mesh))
-    forward = forward or base_forward(model_cfg)
-
-    def token_loss_sum(params: Any, mb: Batch) -> torch.Tensor:
-        logits = forward(params, mb["tokens"], positions=mb.get("positions"),
-                         segment_ids=mb.get("segment_ids"), kernels=kernels, remat=remat,
-                         training=True)
-        return llama.cross_entropy(logits, mb["labels"], reduction="sum")
+    remat, kernels = apply_remat(step_cfg.remat, kernels or kernels_lib.kernels_for(None, mesh=mesh))
+    forward = forward or llama.model_forward(model_cfg)
 
     def step_fn(state: State, micro_batches: list[Batch]) -> tuple[State, dict]:
         params, scale = state["params"], state["loss_scale"]["scale"]
+        step_key = prng.fold_in(seed, state["step"])
         n_tokens = 0
         for mb in micro_batches:  # loops, not generator expressions: dynamo cannot trace those
-            n_tokens = n_tokens + (mb["labels"] != llama.IGNORE_INDEX).sum()
+            n_tokens = n_tokens + (mb["labels"] != IGNORE_INDEX).sum()
         n_tokens = torch.clamp(n_tokens, min=1).float()
         grads, loss = None, 0.0
-        for mb in micro_batches:
+        for i, mb in enumerate(micro_batches):
             # Each micro-batch's token sum over the global token count: the accumulated gradient
             # equals that of the whole batch's mean loss, whatever the padding per micro-batch.
-            g, l = torch.func.grad_and_value(
-                lambda p: token_loss_sum(p, mb) * (scale / n_tokens))(params)
+            def scaled_loss(p: Any, mb: Batch = mb, key: torch.Tensor = prng.fold_in(step_key, i)):
+                token_sum = llama.batch_loss(forward, p, mb, reduction="sum", kernels=kernels,
+                                             remat=remat, training=True, key=key)
+                return token_sum * (scale / n_tokens)
+            g, l = torch.func.grad_and_value(scaled_loss)(params)
             grads = g if grads is None else pytree.tree_map(torch.add, grads, g)
             loss = loss + l
-        return apply_gradients(state, grads, _plain(loss) / scale, optim_cfg, step_cfg)
+        return apply_gradients(state, grads, pytree.full_tensor(loss) / scale, optim_cfg, step_cfg)
 
     compiled = jit_lib.jit(step_fn, backend if step_cfg.compile else None,
-                           cache_dir=cache_dir if step_cfg.compile else None)
-    constraint = sharding.activation_constraint(rules, mesh)
+                           cache_dir=cache_dir if step_cfg.compile else None, mesh=mesh, rules=rules)
 
     def train_step(state: State, local_batch: Batch) -> tuple[State, dict]:
         _check_batch(local_batch)
         micro = [sharding.shard_batch(mb, rules, mesh)
                  for mb in _split_micro_batches(local_batch, step_cfg.micro_batches)]
-        # Plain tensors made inside the model (rope tables, masks) meet DTensors: treat them as
-        # replicated. Set around the call, so the backward (inside grad_and_value) sees it too.
-        with implicit_replication(), use_constraint(constraint):
-            return compiled(state, micro)
+        return compiled(state, micro)
 
     return train_step
 
@@ -269,22 +256,19 @@ def build_eval_step(model_cfg: llama.Config, step_cfg: TrainStepConfig, mesh: Me
                     backend: str | Callable = "inductor", cache_dir: str | None = None,
                     forward: ForwardFn | None = None) -> Callable[[Any, Batch], torch.Tensor]:
     """`eval_step(params, local_batch) -> loss`: mean token loss of the global batch (plain tensor)."""
-    kernels = kernels or default_kernels(mesh)
-    forward = forward or base_forward(model_cfg)
+    kernels = kernels or kernels_lib.kernels_for(None, mesh=mesh)
+    forward = forward or llama.model_forward(model_cfg)
 
     def eval_fn(params: Any, batch: Batch) -> torch.Tensor:
         with torch.no_grad():
-            logits = forward(params, batch["tokens"], positions=batch.get("positions"),
-                             segment_ids=batch.get("segment_ids"), kernels=kernels, training=False)
-            return _plain(llama.cross_entropy(logits, batch["labels"]))
+            loss = llama.batch_loss(forward, params, batch, kernels=kernels, training=False)
+            return pytree.full_tensor(loss)
 
     compiled = jit_lib.jit(eval_fn, backend if step_cfg.compile else None,
-                           cache_dir=cache_dir if step_cfg.compile else None)
-    constraint = sharding.activation_constraint(rules, mesh)
+                           cache_dir=cache_dir if step_cfg.compile else None, mesh=mesh, rules=rules)
 
     def eval_step(params: Any, local_batch: Batch) -> torch.Tensor:
         _check_batch(local_batch)
-        with implicit_replication(), use_constraint(constraint):
-            return compiled(params, sharding.shard_batch(local_batch, rules, mesh))
+        return compiled(params, sharding.shard_batch(local_batch, rules, mesh))
 
     return eval_step

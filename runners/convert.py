@@ -27,12 +27,11 @@ from pathlib import Path
 
 import torch
 
-from lib import checkpoint, cli
+from lib import checkpoint, cli, dtypes
 from lib import config as config_lib
 from lib.errors import UserError
 from models import checkpoints, hf, llama, megatron, peft
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "added_tokens.json")
 
@@ -105,7 +104,7 @@ def convert(source: str, target: str, args: argparse.Namespace) -> None:
     """The conversions that involve Megatron: any of hf / native / megatron to any other (or itself)."""
     input_dir, output_dir = _existing_dir(args.input), Path(args.output)
     _check_output_free(output_dir)
-    dtype = DTYPES[args.dtype] if args.dtype else None
+    dtype = dtypes.torch_dtype(args.dtype) if args.dtype else None
     config, params, iteration = _read_model(source, input_dir, dtype, args)
     if target == "native":
         _save_native(output_dir, config, params, input_dir)
@@ -163,19 +162,19 @@ def main(argv: Sequence[str]) -> int:
     p = sub.add_parser("hf-to-native", help="HF LlamaForCausalLM directory -> native checkpoint")
     p.add_argument("--input", required=True, help="HF model directory")
     p.add_argument("--output", required=True, help="new checkpoint directory")
-    p.add_argument("--dtype", choices=DTYPES, help=dtype_help)
+    p.add_argument("--dtype", choices=dtypes.TORCH_NAMES, help=dtype_help)
 
     p = sub.add_parser("native-to-hf", help="native checkpoint -> HF directory (transformers loads it)")
     p.add_argument("--input", required=True, help="checkpoint root (latest step) or one <step> dir")
     p.add_argument("--output", required=True, help="new HF model directory")
-    p.add_argument("--dtype", choices=DTYPES, help="dtype of the written weights (default: float32)")
+    p.add_argument("--dtype", choices=dtypes.TORCH_NAMES, help="dtype of the written weights (default: float32)")
     p.add_argument("--model", help="model preset, when the checkpoint does not record its config")
 
     p = sub.add_parser("merge-lora", help="fold PEFT LoRA adapters (in order) into an HF model")
     p.add_argument("--base", required=True, help="HF model directory")
     p.add_argument("--lora", required=True, action="append", help="PEFT adapter directory (repeatable)")
     p.add_argument("--output", required=True, help="new HF model directory")
-    p.add_argument("--dtype", choices=DTYPES, help=dtype_help)
+    p.add_argument("--dtype", choices=dtypes.TORCH_NAMES, help=dtype_help)
 
     names = {"hf": "HF LlamaForCausalLM directory", "native": "native checkpoint",
              "megatron": "Megatron-LM / ModelLink checkpoint"}
@@ -186,7 +185,7 @@ def main(argv: Sequence[str]) -> int:
             "hf": "HF model directory", "native": "checkpoint root (latest step) or one <step> dir",
             "megatron": "checkpoint root (the iteration its tracker names) or one iter_N / release dir"}[source])
         p.add_argument("--output", required=True, help="new directory")
-        p.add_argument("--dtype", choices=DTYPES, help=dtype_help)
+        p.add_argument("--dtype", choices=dtypes.TORCH_NAMES, help=dtype_help)
         if source == "native":
             p.add_argument("--model", help="model preset, when the checkpoint does not record its config")
         if source == "megatron":
@@ -206,7 +205,7 @@ def main(argv: Sequence[str]) -> int:
 
     args = parser.parse_args(argv)
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's notes on read-only managers are noise here
-    dtype = DTYPES[args.dtype] if args.dtype else None
+    dtype = dtypes.torch_dtype(args.dtype) if args.dtype else None
     source, _, target = args.command.partition("-to-")
     if "megatron" in (source, target):
         convert(source, target, args)

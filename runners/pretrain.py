@@ -22,7 +22,7 @@ from lib import optim
 from lib.data import DataConfig
 from lib.data import corpus
 from models import llama
-from parallel import sharding, train_step
+from parallel import sharding
 from parallel.mesh import MeshConfig
 from runners import trainer
 
@@ -33,7 +33,7 @@ DEFAULT_MODEL = llama.Config(vocab_size=corpus.DEFAULT_VOCAB, dim=128, n_layers=
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    model: llama.Config = DEFAULT_MODEL
+    model: llama.Config = DEFAULT_MODEL            # a checkpoint's recorded model replaces it
     train: trainer.TrainConfig = field(default_factory=trainer.TrainConfig)
     optim: optim.OptimizerConfig = optim.OptimizerConfig(lr=2e-3, min_lr=2e-4, warmup_steps=30,
                                                          decay_steps=300, weight_decay=0.1)
@@ -43,11 +43,15 @@ class PretrainConfig:
     checkpoint: ckpt_lib.CheckpointConfig = ckpt_lib.CheckpointConfig(every=100, keep=2)
     out_dir: str = "runs/pretrain"
 
+    def __post_init__(self):
+        trainer.check_out_dir(self.out_dir)
+
 
 def with_defaults(cfg: PretrainConfig) -> PretrainConfig:
-    """Fill what the config leaves implicit: the default corpus, the checkpoint directory."""
+    """Fill what the config leaves implicit: the default corpus (only when data.paths is not
+    given at all: an explicit empty list is an error), the checkpoint directory."""
     data = cfg.data
-    if not data.paths:
+    if data.paths is None:
         # The tokenizer is trained to fit the model: min(vocab, 1000) pieces for the ~1 MB corpus.
         vocab = min(cfg.model.vocab_size, corpus.DEFAULT_VOCAB)
         prefix, tokenizer = corpus.default_dataset(Path(cfg.out_dir).parent / "default-data",
@@ -58,23 +62,11 @@ def with_defaults(cfg: PretrainConfig) -> PretrainConfig:
 
 
 def main(argv: Sequence[str]) -> int:
-    cfg = config_lib.parse_argv(PretrainConfig, argv)
+    raw = config_lib.parse_argv_raw(argv)
+    cfg = config_lib.from_dict(PretrainConfig, raw)
     run = trainer.setup(cfg.train, cfg.mesh, cfg.logical_axis_rules, cfg.out_dir)
     cfg = with_defaults(cfg)  # after setup: with several ranks, rank 0 builds the default corpus
-    model, params = trainer.initial_params(run, cfg.checkpoint.load, cfg.model, cfg.train.seed)
-    if model != cfg.model:
-        cfg = dataclasses.replace(cfg, model=model)
-    trainer.check_vocab(model, cfg.data)
-    params = trainer.shard(run, params, llama.param_axes(model))
-    state = train_step.init_state(params, cfg.optim, cfg.train.step)
-    cache = run.out_dir / "inductor-cache"
-    step_fn = train_step.build_train_step(model, cfg.optim, cfg.train.step, run.mesh, run.rules,
-                                          kernels=run.kernels, backend=run.backend, cache_dir=cache)
-    eval_fn = train_step.build_eval_step(model, cfg.train.step, run.mesh, run.rules,
-                                         kernels=run.kernels, backend=run.backend, cache_dir=cache)
-    trainer.train_loop(run=run, cfg=cfg, train=cfg.train, model=model, optim_cfg=cfg.optim,
-                       data_cfg=cfg.data, ckpt_cfg=cfg.checkpoint, state=state,
-                       step_fn=step_fn, eval_fn=eval_fn)
+    trainer.train(run, cfg, given_model=raw.get("model"))
     return 0
 
 

@@ -1,30 +1,41 @@
 """The training loop shared by `runners.pretrain` and `runners.sft`.
 
-It composes the layers below and owns only what a long run needs around the pure step: where
-the state comes from (fresh, HF, native checkpoint, resume), the data position, periodic
-validation, logging, checkpointing, and stopping cleanly on bad steps or SIGTERM.
+    state = trainer.train(run, cfg, given_model=raw.get("model"))
+
+`train` opens what a run holds (the out_dir lock, the checkpointer, the loggers: closed on every
+path out, errors included), asks `runners.loop.start` for the initial state, and runs `Loop`,
+which reads as the few lines it is: each concern is an object of `runners.loop` (data, step,
+divergence, reporting, validation, checkpointing, stop signals).
+
+Exit: a finished run returns; bad input, divergence and failed saves raise `UserError` (exit
+2); SIGTERM/SIGINT save the step and raise `Interrupted` (exit 143/130).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import math
-import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from lib import checkpoint as ckpt_lib
 from lib import config as config_lib
-from lib import device, metrics, optim, pytree
-from lib.data import DataConfig, batches, build_datasets
+from lib.data import DataConfig
 from lib.errors import UserError
-from models import hf, llama, megatron
-from parallel import kernels, sharding, train_step
-from parallel.mesh import Mesh, MeshConfig, build_mesh
+from lib.lock import DirLock
+from models import llama, lora
+from parallel import train_step
+from runners.loop.data import TrainData
+from runners.loop.guards import DivergenceGuard, StopRequest
+from runners.loop.report import Reporter, Validator, reporting
+from runners.loop.saving import Saver
+from runners.loop.setup import Run, setup
+from runners.loop.start import Start, initial_state
+
+__all__ = ["TrainConfig", "Run", "setup", "train", "resolve_out_dirs"]
 
 
 @dataclass(frozen=True)
@@ -54,49 +65,116 @@ class TrainConfig:
 
 
 @dataclass
-class Run:
-    """What the loop needs, built once from the config."""
-    dev: device.Device
-    dist: device.DistInfo
-    mesh: Mesh
-    rules: sharding.Rules
-    out_dir: Path
-    kernels: llama.Kernels
-    backend: Any                          # torch.compile backend for this device
+class Loop:
+    """The loop, and the objects it delegates to."""
+    step_fn: Callable[[train_step.State, dict], tuple[train_step.State, dict]]
+    data: TrainData
+    divergence: DivergenceGuard
+    reporter: Reporter
+    validator: Validator
+    saver: Saver
+    stop: StopRequest
+    steps: int
+
+    def run(self, state: train_step.State, start_step: int) -> train_step.State:
+        step = start_step
+        for step in range(start_step + 1, self.steps + 1):
+            state, metrics = self.step_fn(state, self.data.next_batch(step))
+            self.divergence.check(step, metrics, self.saver.ckpt.latest_step())
+            self.reporter.record(step, metrics, tokens=self.data.tokens_per_step,
+                                 samples=self.data.global_batch)
+            with self.reporter.paused():
+                self.validator.maybe_run(step, state, self.reporter)
+                self.saver.maybe_save(step, state)
+            if signum := self.stop.agreed():
+                self.saver.save_now(step, state)
+                raise self.stop.interrupted(step, signum, saved=self.saver.ckpt.cfg.dir is not None)
+        self.saver.save_now(step, state)
+        return state
 
 
-def setup(train: TrainConfig, mesh_cfg: MeshConfig, rule_spec, out_dir: str) -> Run:
-    dev = device.detect(train.device)
-    out = Path(out_dir)
-    dist = device.init_distributed(dev)
-    mesh = build_mesh(mesh_cfg, dev.kind)
-    rules = sharding.logical_axis_rules(rule_spec, mesh)
-    # Fused attention kernels have no DTensor strategy; under a mesh the reference kernel runs
-    # sharded, on one process the device's fastest kernel is used.
-    wanted = train.attention
-    if mesh.device_mesh is not None and wanted not in ("auto", "reference"):
-        raise UserError(f"train.attention={wanted} cannot run on DTensor shards yet; use "
-                        "train.attention=reference (or auto) with a multi-device mesh")
-    if wanted == "auto" and mesh.device_mesh is not None:
-        wanted = "reference"
-    backend = kernels.compile_backend(dev) if train.step.compile else None
-    return Run(dev, dist, mesh, rules, out, kernels.kernels_for(dev, wanted), backend)
+def train(run: Run, cfg: Any, *, given_model: Any = None, lora_cfg: lora.LoraConfig | None = None,
+          params_only: bool | None = None, instruction: bool = False,
+          on_finish: Callable[[train_step.State, llama.Config], None] | None = None) -> train_step.State:
+    """Train the runner config `cfg` (a RunConfig with data, optim, mesh, out_dir) to
+    `cfg.train.steps`, resuming from its checkpoints; `on_finish(state, model)` exports.
 
-
-def initial_params(run: Run, load: str | None, model: llama.Config,
-                   seed: int) -> tuple[llama.Config, llama.Params]:
-    """The HF or Megatron weights named by `checkpoint.load` (with their config), else a random
-    init, on this run's device. A native checkpoint in `load` is read later by the checkpointer,
-    into this random init.
+    given_model: `model` as the user wrote it (to check against a checkpoint's recorded model).
+    params_only: take only the params of `checkpoint.load` (default `checkpoint.finetune`).
+    instruction: the data must be instruction data (SFT).
     """
-    if load and megatron.is_megatron_checkpoint(load):
-        return megatron.load(load, dtype=torch.float32, device=run.dev.torch_device)
-    if load and not ckpt_lib.is_native_checkpoint(load):
-        if not Path(load, "config.json").is_file():
-            raise UserError(f"checkpoint.load={load!r} is neither a native checkpoint, a Megatron "
-                            "checkpoint nor an HF directory with config.json")
-        return hf.load(load, dtype=torch.float32, device=run.dev.torch_device)
-    return model, llama.init(model, seed, device=run.dev.torch_device)
+    params_only = cfg.checkpoint.finetune if params_only is None else params_only
+    with contextlib.ExitStack() as resources:
+        _lock_out_dir(run, resources)
+        ckpt = resources.enter_context(
+            ckpt_lib.Checkpointer(cfg.checkpoint, run.dist.rank, run.dist.world_size))
+        start = initial_state(run, cfg, ckpt, given_model=given_model, lora_cfg=lora_cfg,
+                              params_only=params_only)
+        cfg = dataclasses.replace(cfg, model=start.model)
+        check_vocab(start.model, cfg.data)
+        _say(run, start.source.describe(start.step))
+        state = start.state
+        if start.step < cfg.train.steps:
+            state = _train_from(run, cfg, start, ckpt, instruction, resources)
+        else:
+            _say(run, f"nothing to do: the checkpoint is at step {start.step} >= "
+                      f"train.steps={cfg.train.steps}")
+    if on_finish is not None:
+        on_finish(state, start.model)
+    return state
+
+
+def _train_from(run: Run, cfg: Any, start: Start, ckpt: ckpt_lib.Checkpointer, instruction: bool,
+                resources: contextlib.ExitStack) -> train_step.State:
+    data = TrainData(run, cfg.data, cfg.train, start.model, start.consumed_samples,
+                     instruction=instruction)
+    cache = run.out_dir / "inductor-cache"
+    common = dict(kernels=run.kernels, backend=run.backend, cache_dir=cache, forward=start.forward)
+    step_fn = train_step.build_train_step(start.model, cfg.optim, cfg.train.step, run.mesh, run.rules,
+                                          seed=cfg.train.seed, **common)
+    eval_fn = train_step.build_eval_step(start.model, cfg.train.step, run.mesh, run.rules, **common)
+    if run.is_main:
+        config_lib.dump(cfg, run.out_dir / "config.yaml")
+    reporter = resources.enter_context(reporting(
+        run, model=start.model, seq_len=cfg.data.seq_len, step_dtype=cfg.train.step.dtype,
+        log_every=cfg.train.log_every, start_step=start.step, total_steps=cfg.train.steps))
+    for note in data.notes:
+        reporter.say(f"note: {note}")
+    loop = Loop(step_fn, data,
+                DivergenceGuard(cfg.train.max_bad_steps, cfg.train.step.dtype,
+                                cfg.train.step.loss_scale.min_scale),
+                reporter, Validator(eval_fn, data, cfg.train.eval_every),
+                Saver(ckpt, config_lib.to_dict(cfg), data),
+                resources.enter_context(StopRequest(run.dev)), cfg.train.steps)
+    state = loop.run(start.state, start.step)
+    summary = [f"done: step {cfg.train.steps}", f"logs: {run.out_dir}/metrics.jsonl",
+               f"TensorBoard: {run.out_dir}/tensorboard"]
+    if cfg.checkpoint.dir:
+        summary.append(f"checkpoints: {cfg.checkpoint.dir}")
+    reporter.say("; ".join(summary + data.notes))
+    return state
+
+
+def _lock_out_dir(run: Run, resources: contextlib.ExitStack) -> None:
+    """Rank 0 locks out_dir for the run; every rank learns whether it could."""
+    error = None
+    if run.is_main:
+        try:
+            resources.enter_context(DirLock(run.out_dir))
+        except UserError as e:
+            error = e
+    if torch.distributed.is_initialized():
+        failed = torch.tensor(int(error is not None), device=run.dev.torch_device)
+        torch.distributed.all_reduce(failed)
+        if failed.item() and error is None:
+            raise UserError(f"rank 0 could not lock {run.out_dir} (see its error)")
+    if error is not None:
+        raise error
+
+
+def _say(run: Run, message: str) -> None:
+    if run.is_main:
+        print(message, flush=True)
 
 
 def check_vocab(model: llama.Config, data: DataConfig) -> None:
@@ -109,196 +187,10 @@ def check_vocab(model: llama.Config, data: DataConfig) -> None:
                         f"{model.vocab_size}; set model.vocab_size={n} or larger")
 
 
-def shard(run: Run, tree: Any, axes: Any) -> Any:
-    return sharding.shard_params(tree, axes, run.rules, run.mesh)
-
-
-def gather(tree: Any) -> Any:
-    """Whole tensors of a (sharded) tree; a collective: every rank calls it."""
-    return pytree.tree_map(lambda t: t.full_tensor() if isinstance(t, DTensor) else t, tree)
-
-
-def to_device(batch: dict[str, torch.Tensor], dev: device.Device) -> dict[str, torch.Tensor]:
-    return {k: v.to(dev.torch_device, non_blocking=True) for k, v in batch.items()}
-
-
-def _scalar(x: torch.Tensor) -> float:
-    return float(x.detach().float().cpu())
-
-
-class _StopRequest:
-    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the next step boundary and exits.
-
-    Ranks may receive the signal in different steps, so `agreed()` takes the maximum over the
-    process group: every rank stops after the same step (a rank alone in the save's collectives
-    while the others enter the next step would deadlock)."""
-
-    def __init__(self, dev: device.Device):
-        self.requested = False
-        self._previous = {}
-        self._dev = dev
-
-    def agreed(self) -> bool:
-        if not torch.distributed.is_initialized():
-            return self.requested
-        flag = torch.tensor(int(self.requested), device=self._dev.torch_device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:  # a second signal: stop now
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-def train_loop(*, run: Run, cfg: Any, train: TrainConfig, model: llama.Config,
-               optim_cfg: optim.OptimizerConfig, data_cfg: DataConfig,
-               ckpt_cfg: ckpt_lib.CheckpointConfig, state: dict,
-               step_fn: Callable, eval_fn: Callable | None,
-               on_finish: Callable[[dict], None] | None = None) -> dict:
-    """Train `state` with `step_fn` for `train.steps` steps, resuming from checkpoints.
-
-    `state` is the freshly initialised (sharded) state: it is the restore target, so a
-    checkpoint is read straight into its dtypes and placements.
-    """
-    rank = run.dist.rank
-    ckpt = ckpt_lib.Checkpointer(ckpt_cfg, rank, run.dist.world_size)
-    consumed = 0
-    start_step = 0
-    if ckpt.can_restore():
-        # The run's own checkpoints resume everything; `load` with finetune gives params only.
-        params_only = ckpt.latest_step() is None and ckpt_cfg.finetune
-        state, extra = ckpt.restore(state)
-        if params_only and "master" in state["opt"]:
-            # The fp32 master weights are what the optimizer updates: they must be the loaded
-            # params, not the random init they were made from.
-            state["opt"]["master"] = pytree.tree_map(lambda p: p.detach().float(), state["params"])
-        consumed = int(extra.get("consumed_samples", 0))
-        start_step = int(state["step"])
-        if rank == 0:
-            source = ckpt_cfg.dir if ckpt.latest_step() is not None else ckpt_cfg.load
-            how = "params only (finetune)" if start_step == 0 else f"resuming at step {start_step}"
-            print(f"loaded checkpoint from {source}: {how}", flush=True)
-    if start_step >= train.steps:
-        if rank == 0:
-            print(f"nothing to do: the checkpoint is at step {start_step} >= train.steps={train.steps}")
-        ckpt.close()
-        if on_finish is not None:
-            on_finish(state)
-        return state
-
-    gb = train.global_batch
-    eval_samples = gb * train.eval_batches if train.eval_every else 0
-    sets = build_datasets(data_cfg, {"train": train.steps * gb, "valid": eval_samples},
-                          max_seq_len=model.max_seq_len, vocab_size=model.vocab_size)
-    index, count = sharding.batch_shards(run.rules, run.mesh)
-    train_batches = batches(sets["train"], gb, consumed, index, count)
-
-    dtype = train_step.DTYPES[train.step.dtype]
-    meter = metrics.ThroughputMeter(
-        flops_per_token=llama.flops_per_token(model, data_cfg.seq_len),
-        peak_flops=device.peak_flops(run.dev, dtype), world_size=run.dist.world_size,
-        sync=lambda: device.synchronize(run.dev))
-    config_dict = config_lib.to_dict(cfg)
-    if rank == 0:
-        run.out_dir.mkdir(parents=True, exist_ok=True)
-        config_lib.dump(cfg, run.out_dir / "config.yaml")
-
-    def save(step: int, force: bool = False) -> None:
-        ckpt.save(step, state, {"consumed_samples": consumed, "config": config_dict}, force=force)
-
-    bad_steps = 0
-    step = start_step
-    # However the loop ends (done, signal, divergence, an error), a pending async save is
-    # committed before the process exits, so the last checkpoint is always complete.
-    try:
-        with metrics.MetricsLogger(run.out_dir, every=train.log_every, rank=rank,
-                                   resume_step=start_step or None) as logger, \
-                _StopRequest(run.dev) as stop:
-            progress = _progress(rank, start_step, train.steps)
-            for step in range(start_step + 1, train.steps + 1):
-                batch = next(train_batches, None)
-                if batch is None:
-                    raise UserError(f"the training data ran out at step {step}")
-                # Randomness (LoRA dropout) is a function of (seed, step), as jax.random.fold_in
-                # makes it: a resumed run draws what an uninterrupted one would, no RNG state saved.
-                torch.manual_seed(train.seed * 1_000_003 + step)
-                state, m = step_fn(state, to_device(batch, run.dev))
-                consumed += gb
-                loss = _scalar(m["loss"])
-                meter.update(tokens=gb * data_cfg.seq_len, samples=gb)
-                # A non-finite step leaves the state untouched (the step skips it). Under fp16 that is
-                # loss scaling at work until the scale hits its floor; otherwise it is divergence,
-                # tolerated a few times in a row.
-                diverged = not math.isfinite(loss) or bool(_scalar(m["skipped"]))
-                scaling = (train.step.dtype == "fp16"
-                           and _scalar(m["loss_scale"]) > train.step.loss_scale.min_scale)
-                if diverged and not scaling:
-                    bad_steps += 1
-                    if bad_steps >= train.max_bad_steps:
-                        raise UserError(
-                            f"training diverged at step {step}: loss {loss}, grad norm "
-                            f"{_scalar(m['grad_norm'])} ({bad_steps} non-finite steps in a row, "
-                            f"train.max_bad_steps={train.max_bad_steps}; those updates were skipped, "
-                            f"the last checkpoint is step {ckpt.latest_step()}). Lower optim.lr, "
-                            "clip gradients (optim.grad_clip) or train in fp32/bf16")
-                else:
-                    bad_steps = 0
-                progress.update(1)
-                if logger.should_log(step) or step == train.steps:
-                    row = {"loss": loss, "lr": _scalar(m["lr"]), "grad_norm": _scalar(m["grad_norm"]),
-                           "loss_scale": _scalar(m["loss_scale"]), "skipped": int(_scalar(m["skipped"])),
-                           **meter.read(), **metrics.memory_metrics(device.memory_stats(run.dev))}
-                    logger.log(step, row)
-                    progress.set_postfix(loss=f"{loss:.4f}")
-                with meter.paused():
-                    if eval_fn is not None and train.eval_every and step % train.eval_every == 0:
-                        logger.log(step, {"val_loss": evaluate(eval_fn, state, sets["valid"], gb,
-                                                               index, count, run.dev)})
-                    save(step)
-                if stop.agreed():
-                    save(step, force=True)
-                    if rank == 0:
-                        print(f"stopped by signal at step {step}; checkpoint saved", flush=True)
-                    break
-            progress.close()
-            if step == train.steps:
-                save(step, force=True)
-    finally:
-        ckpt.close()
-    if on_finish is not None:
-        on_finish(state)
-    if rank == 0:
-        print(f"logs: {run.out_dir}/metrics.jsonl, TensorBoard: {run.out_dir}/tensorboard"
-              + (f", checkpoints: {ckpt_cfg.dir}" if ckpt_cfg.dir else ""), flush=True)
-    return state
-
-
-def evaluate(eval_fn: Callable, state: dict, dataset, global_batch: int, index: int, count: int,
-             dev: device.Device) -> float:
-    """Mean token loss over the validation set's first batches (the same ones every time);
-    batches are weighted by their trained tokens, which differ on masked instruction data."""
-    total = tokens = 0.0
-    for b in batches(dataset, global_batch, 0, index, count):
-        n = float((b["labels"] != llama.IGNORE_INDEX).sum())
-        total += _scalar(eval_fn(state["params"], to_device(b, dev))) * n
-        tokens += n
-    return total / tokens if tokens else float("nan")
-
-
-def _progress(rank: int, start: int, total: int):
-    from tqdm import tqdm
-    return tqdm(total=total, initial=start, disable=rank != 0, desc="train", unit="step",
-                dynamic_ncols=True, leave=False)
+def check_out_dir(out_dir: str) -> None:
+    """For the runner configs' __post_init__: an empty out_dir would write into the cwd."""
+    if not out_dir.strip():
+        raise ValueError("out_dir is empty: give the directory the run writes to (out_dir=runs/name)")
 
 
 def resolve_out_dirs(out_dir: str, ckpt_cfg: ckpt_lib.CheckpointConfig) -> ckpt_lib.CheckpointConfig:

@@ -5,7 +5,8 @@
   killed_save DIR  save step 1, then block inside orbax's commit of step 2 (print COMMITTING)
                    until the parent SIGKILLs this process.
   full_disk DIR    save step 1, cap the file size (RLIMIT_FSIZE) as a full disk would, save a
-                   larger step 2 and print the error it raised.
+                   larger step 2 asynchronously, poll until its error shows, print it and the
+                   directory listing after close().
 """
 import os
 import resource
@@ -94,16 +95,21 @@ def killed_save() -> None:
 
 
 def full_disk() -> None:
-    ckpt = Checkpointer(CheckpointConfig(dir=sys.argv[2], every=1, keep=3, async_save=False))
+    ckpt = Checkpointer(CheckpointConfig(dir=sys.argv[2], every=1, keep=3, async_save=True))
     ckpt.save(1, reference_state(), {"step": 1})
+    ckpt.wait()
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the cap fails with EFBIG, like ENOSPC
     resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.RLIM_INFINITY))
     try:
         ckpt.save(2, reference_state(scale=1024), {"step": 2})
-        ckpt.wait()
+        for _ in range(1200):  # the training loop polls once per step
+            time.sleep(0.05)
+            ckpt.poll()
         print("SAVED", flush=True)
     except UserError as e:
         print(f"USERERROR {e}", flush=True)
+    ckpt.close()  # the failure was reported: closing does not raise it again
+    print("CLOSED", sorted(os.listdir(sys.argv[2])), flush=True)
 
 
 if __name__ == "__main__":

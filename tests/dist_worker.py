@@ -83,7 +83,7 @@ def run_case(text, params, data, reference, cache_dir):
     rules = sharding.load_rules(mesh=mesh)
     sharded = sharding.shard_params(params, llama.param_axes(MODEL), rules, mesh)
     step_cfg = TrainStepConfig(micro_batches=MICRO, compile=compiled)
-    state = init_state(sharded, OPT, step_cfg)
+    state = init_state(sharded, step_cfg)
     train_step = build_train_step(MODEL, OPT, step_cfg, mesh, rules, kernels=KERNELS,
                                   cache_dir=cache_dir)
     index, count = sharding.batch_shards(rules, mesh)

@@ -127,14 +127,12 @@ def run_case(text: str, params, data, reference, work_dir: Path) -> dict:
     plan = layout(case["pipeline"], MODEL.n_layers, mesh.size("pipe"))
     backend, cache = case["backend"] or "inductor", str(work_dir / "inductor")
     if mesh.size("pipe") > 1:
-        state = init_state(pipeline_step.stage_params(params, MODEL, plan, mesh, rules), OPT,
-                           case["step"])
+        state = init_state(pipeline_step.stage_params(params, MODEL, plan, mesh, rules), case["step"])
         train_step = pipeline_step.build_train_step(MODEL, OPT, case["step"], case["pipeline"], mesh,
                                                     rules, kernels=KERNELS, backend=backend,
                                                     cache_dir=cache)
     else:  # no stages: the plain step, e.g. to resume a pipeline checkpoint without them
-        state = init_state(sharding.shard_params(params, llama.param_axes(MODEL), rules, mesh), OPT,
-                           case["step"])
+        state = init_state(sharding.shard_params(params, llama.param_axes(MODEL), rules, mesh), case["step"])
         train_step = plain_step.build_train_step(MODEL, OPT, case["step"], mesh, rules,
                                                  kernels=KERNELS, backend=backend, cache_dir=cache)
     index, count = sharding.batch_shards(rules, mesh)
@@ -184,7 +182,7 @@ def agreement_case(work_dir: Path) -> dict:
     mesh = build_mesh(MeshConfig(pipe=dist.get_world_size()))
     step_cfg = TrainStepConfig(dtype="fp16")
     stage = mesh.stage
-    state = init_state({f"w{stage}": torch.ones(4)}, OPT, step_cfg)
+    state = init_state({f"w{stage}": torch.ones(4)}, step_cfg)
     grads = {f"w{stage}": torch.full((4,), float("inf") if stage == 0 else 1.0, dtype=torch.float16)}
     group = mesh.pipe_mesh.get_group()
     new, metrics = plain_step.apply_gradients(

@@ -1,6 +1,7 @@
 """lib/checkpoint.py: bit-exact round trips, retention, atomic commits under SIGKILL, errors, and a
 two-process sharded save restored under another layout and under one process."""
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -200,14 +201,57 @@ def test_sigkill_during_commit_keeps_previous_checkpoint(tmp_path):
     assert not any("tmp" in p.name for p in tmp_path.iterdir())
 
 
-def test_full_disk_is_a_user_error_and_previous_checkpoint_survives(tmp_path):
-    out = subprocess.run([sys.executable, WORKER, "full_disk", str(tmp_path)], cwd=REPO, text=True,
-                         capture_output=True, timeout=120).stdout
-    assert f"USERERROR saving a checkpoint to {tmp_path} failed" in out, out[-3000:]
-    assert "the last committed checkpoint (step 1) is intact" in out
+def test_failed_async_save_is_reported_once_and_cleaned_up(tmp_path):
+    """A full disk during a background save: one clear error at the next poll, naming the step;
+    no orbax traceback; its partial output removed; the previous checkpoint intact."""
+    proc = subprocess.run([sys.executable, WORKER, "full_disk", str(tmp_path)], cwd=REPO, text=True,
+                          capture_output=True, timeout=120)
+    assert (f"USERERROR saving checkpoint step 2 to {tmp_path} failed: File too large" in proc.stdout
+            and "the last good checkpoint is step 1" in proc.stdout), proc.stdout[-3000:]
+    assert "CLOSED ['1']" in proc.stdout  # no <step>.orbax-checkpoint-tmp left behind
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     ckpt = Checkpointer(CheckpointConfig(dir=str(tmp_path)))
     assert ckpt.latest_step() == 1
     assert_bit_equal(ckpt.restore(zeros_like(reference_state()))[0], reference_state())
+
+
+def test_a_state_with_nan_is_never_saved(tmp_path):
+    ckpt = Checkpointer(CheckpointConfig(dir=str(tmp_path), async_save=False))
+    ckpt.save(1, reference_state(), force=True)
+    poisoned = reference_state()
+    poisoned["opt"]["mu"][1][2, 3] = float("nan")
+    with pytest.raises(UserError, match=r"not saving step 2: 'opt\.mu\.1' holds NaN or inf values; "
+                                        r"the last checkpoint \(step 1\) is kept"):
+        ckpt.save(2, poisoned, force=True)
+    assert ckpt.latest_step() == 1
+    ckpt.close()
+
+
+@pytest.mark.parametrize("damage", ["metadata", "arrays", "deleted state"])
+def test_a_damaged_latest_step_falls_back_to_the_previous_one(tmp_path, capsys, damage):
+    ckpt = Checkpointer(CheckpointConfig(dir=str(tmp_path), async_save=False))
+    ckpt.save(1, reference_state(), {"step": 1}, force=True)
+    ckpt.save(2, reference_state(), {"step": 2}, force=True)
+    ckpt.close()
+    state_dir = tmp_path / "2" / "state"
+    if damage == "metadata":
+        (state_dir / "_METADATA").write_text("{not json")
+    elif damage == "arrays":
+        for f in state_dir.rglob("*"):
+            if f.is_file() and f.parent.name == "d":
+                f.write_bytes(b"garbage")
+    else:
+        shutil.rmtree(state_dir)
+    again = Checkpointer(CheckpointConfig(dir=str(tmp_path)))
+    got, extra = again.restore(zeros_like(reference_state()))
+    assert extra == {"step": 1} and again.latest_step() == 1
+    assert_bit_equal(got, reference_state())
+    err = capsys.readouterr().err
+    assert "warning: checkpoint step 2 in" in err and "is damaged" in err and "using step 1" in err
+    assert [p.name.startswith("damaged-2-") for p in tmp_path.iterdir() if not p.name.isdigit()] == [True]
+    # Training goes on: step 2 can be written again.
+    assert again.save(2, reference_state(), {"step": 2}, force=True)
+    again.close()
 
 
 def _free_port_pair() -> int:

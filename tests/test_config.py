@@ -242,3 +242,19 @@ def test_runner_command_line_refuses_nan(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr == "error: optim.lr=nan must be a finite number\n"
     assert not list(tmp_path.iterdir())  # refused before anything is written
+
+
+def test_dump_is_atomic(tmp_path, monkeypatch):
+    """A crash while writing config.yaml leaves the previous file whole and no temporary."""
+    import lib.files
+    path = tmp_path / "config.yaml"
+    config.dump(PretrainConfig(), path)
+    before = path.read_text()
+
+    def crash(src, dst):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(lib.files.os, "replace", crash)
+    with pytest.raises(OSError):
+        config.dump(dataclasses.replace(PretrainConfig(), out_dir="runs/other"), path)
+    assert path.read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]

@@ -90,3 +90,24 @@ def test_merge_rejects_an_adapter_for_another_shape(tmp_path, capsys):
                 "--output", tmp_path / "out"]) == 2
     assert "q_proj.lora_A.weight: layer 0 wq adapter maps 32->32, the base weight is 64->64" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_native_to_hf_of_a_lora_run_merges_its_adapters(tmp_path, capsys):
+    """A LoRA run's checkpoint holds adapters only: native-to-hf merges them into the base that
+    run recorded (before: a misleading "another model?" error)."""
+    from lib import checkpoint, config as config_lib
+    params = llama.init(CONFIG, seed=0)
+    hf.save(tmp_path / "base", CONFIG, params)
+    lcfg = lora.LoraConfig(r=2, alpha=4.0, dropout=0.1, target_modules=("q", "v"))
+    adapters = lora.init_adapters(CONFIG, lcfg, seed=1)
+    for layer in adapters["layers"]:
+        for ab in layer.values():
+            ab["b"] = ab["b"] + 0.05
+    run_config = {"model": config_lib.to_dict(CONFIG), "lora": config_lib.to_dict(lcfg),
+                  "checkpoint": {"load": str(tmp_path / "base")}}
+    with checkpoint.Checkpointer(checkpoint.CheckpointConfig(dir=str(tmp_path / "sft"), async_save=False)) as ckpt:
+        ckpt.save(6, {"params": {"adapters": adapters}}, {"config": run_config}, force=True)
+    assert run(["native-to-hf", "--input", tmp_path / "sft", "--output", tmp_path / "merged"]) == 0
+    assert "its LoRA adapters, r=2, merged into the base model" in capsys.readouterr().out
+    _, merged = hf.load(tmp_path / "merged")
+    torch.testing.assert_close(merged, lora.merge(params, adapters, lcfg), rtol=0, atol=0)

@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+from lib import prng
 from lib.errors import UserError
 from models import hf, llama, lora, peft
 from tests.helpers_hf import hf_logits, random_hf_model, random_tokens
@@ -44,8 +45,7 @@ def test_fresh_adapters_leave_the_model_unchanged():
     base = llama.forward(params, tokens, CONFIG)
     torch.testing.assert_close(logits_of(params, adapters, ALL, tokens), base, rtol=0, atol=1e-6)
     # Dropout acts on the low-rank path only, so with B = 0 it changes nothing either.
-    torch.manual_seed(0)
-    dropped = logits_of(params, adapters, ALL, tokens, training=True)
+    dropped = logits_of(params, adapters, ALL, tokens, training=True, key=prng.fold_in(0, 0))
     torch.testing.assert_close(dropped, base, rtol=0, atol=1e-6)
 
 
@@ -59,17 +59,50 @@ def test_merged_params_give_the_adapter_logits():
     torch.testing.assert_close(llama.forward(merged, tokens, CONFIG), adapted, rtol=1e-5, atol=1e-5)
 
 
-def test_dropout_is_random_but_reproducible():
+def test_dropout_is_a_function_of_its_key():
     params = llama.init(CONFIG, seed=0)
     tokens = random_tokens(CONFIG, seq=16)
     cfg = lora.LoraConfig(r=4, alpha=8.0, dropout=0.5)
     adapters = random_adapters(cfg)
     def run(seed):
-        torch.manual_seed(seed)
-        return logits_of(params, adapters, cfg, tokens, training=True)
+        return logits_of(params, adapters, cfg, tokens, training=True, key=prng.fold_in(seed, 3))
     assert torch.equal(run(0), run(0))
     assert not torch.allclose(run(0), run(1))
     assert not torch.allclose(run(0), logits_of(params, adapters, cfg, tokens))
+    with pytest.raises(ValueError, match="needs a random key"):
+        logits_of(params, adapters, cfg, tokens, training=True)
+
+
+def test_lora_weights_are_pytree_nodes_for_optree_and_torch():
+    import torch.utils._pytree as torch_pytree
+
+    from lib import pytree
+    params = llama.init(CONFIG, seed=0)
+    cfg = lora.LoraConfig(r=3, alpha=6.0, dropout=0.1, target_modules=("q", "v", "down"))
+    adapted = lora.adapt(params, random_adapters(cfg), cfg, training=True, key=prng.fold_in(0, 1))
+    n_params = len(pytree.leaves(params))
+    n_adapted = 3 * CONFIG.n_layers  # wq, wv, w_down
+    # Each LoraWeight contributes a, b and its dropout key beside the base weight it wraps.
+    assert len(pytree.leaves(adapted)) == n_params + 3 * n_adapted
+    assert len(torch_pytree.tree_leaves(adapted)) == n_params + 3 * n_adapted
+    rebuilt = pytree.tree_map(lambda t: t, adapted)
+    assert isinstance(rebuilt["layers"][1]["w_down"], lora.LoraWeight)
+    assert rebuilt["layers"][1]["w_down"].scale == cfg.scale
+
+
+def test_dropout_keeps_1_minus_p_and_scales_as_torch_does():
+    """The counter-based mask against torch.nn.functional.dropout's definition: kept elements are
+    x / (1 - p), about 1 - p of them, independent between keys and across the tensor."""
+    x = torch.rand(64, 32, 48) + 0.5
+    for p in (0.1, 0.5):
+        out = prng.dropout(x, p, prng.fold_in(7, 1))
+        kept = out != 0
+        torch.testing.assert_close(out[kept], x[kept] / (1 - p))
+        assert abs(kept.float().mean().item() - (1 - p)) < 0.01
+        reference = torch.nn.functional.dropout(x, p) != 0  # torch's own draw, for the same rate
+        assert abs(kept.float().mean().item() - reference.float().mean().item()) < 0.01
+    a, b = (prng.dropout(x, 0.5, prng.fold_in(7, k)) != 0 for k in (1, 2))
+    assert abs((a == b).float().mean().item() - 0.5) < 0.01  # masks of two keys agree by chance only
 
 
 def test_gradients_reach_only_adapters_and_saved_modules_as_in_peft():

@@ -125,3 +125,17 @@ def test_paused_time_is_not_training_time():
     now[0] = 12.0
     meter.update(tokens=100, samples=1)
     assert meter.read()["tokens_per_s"] == 100.0  # 200 tokens over 2 s of training
+
+
+def test_resume_drops_a_cut_last_line(tmp_path, capsys):
+    """A kill mid-write leaves half a line: the resume warns, drops it and goes on."""
+    with metrics.MetricsLogger(tmp_path, every=1, console=io.StringIO()) as logger:
+        for step in (1, 2):
+            logger.log(step, {"loss": 1.0 / step})
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 0.3')  # no end: the kill came here
+    with metrics.MetricsLogger(tmp_path, every=1, resume_step=2, console=io.StringIO()) as logger:
+        logger.log(3, {"loss": 0.33})
+    assert "dropped 1 unreadable line(s) (line 3" in capsys.readouterr().err
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 0.5), (3, 0.33)]

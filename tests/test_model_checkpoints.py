@@ -6,7 +6,7 @@ import torch
 
 from lib import checkpoint as ckpt_lib
 from lib import config as config_lib
-from lib import optim, pytree
+from lib import pytree
 from lib.errors import UserError
 from models import hf, llama, lora, peft
 from models.checkpoints import find_tokenizer, load_pretrained
@@ -40,7 +40,7 @@ def base(tmp_path_factory):
     params = llama.init(CONFIG, seed=3)
     hf.save(root / "hf", CONFIG, params)
     (root / "hf" / "tokenizer.json").write_text("{}")
-    state = init_state(params, optim.OptimizerConfig(), TrainStepConfig(dtype="bf16"))
+    state = init_state(params, TrainStepConfig(dtype="bf16"))
     run_config = {"model": config_lib.to_dict(CONFIG), "data": {"tokenizer": str(root / "tok.model")},
                   "lora": None}
     (root / "tok.model").write_text("stands in for a tokenizer")

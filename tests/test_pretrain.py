@@ -2,9 +2,12 @@
 import json
 import math
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -12,9 +15,11 @@ import pytest
 import torch
 
 from lib import checkpoint as ckpt_lib
-from lib import pytree
+from lib import cli, pytree
+from lib import config as config_lib
+from lib.config import ConfigError
 from lib.data.corpus import default_dataset
-from lib.errors import UserError
+from lib.errors import Interrupted, UserError
 from models import hf, llama
 from parallel import train_step
 from runners import pretrain
@@ -40,8 +45,7 @@ def metrics(out):
 
 
 def final_state(out, step, model=llama.PRESETS["tiny"]):
-    target = train_step.init_state(llama.init(model), pretrain.PretrainConfig().optim,
-                                   train_step.TrainStepConfig())
+    target = train_step.init_state(llama.init(model), train_step.TrainStepConfig())
     ckpt = ckpt_lib.Checkpointer(ckpt_lib.CheckpointConfig(dir=str(Path(out, "checkpoints"))))
     state, extra = ckpt.restore(target, step=step)
     ckpt.close()
@@ -109,11 +113,91 @@ def test_mesh_that_does_not_fit_the_world(data, tmp_path):
         pretrain.main(args(data, tmp_path / "m", "mesh.fsdp=2"))
 
 
-def test_resuming_with_another_model_shape_is_an_error(data, tmp_path):
-    out = tmp_path / "shape"
-    pretrain.main(args(data, out, "train.steps=4", "optim.decay_steps=4", "train.eval_every=0"))
-    with pytest.raises(UserError, match=r"has shape .* the model expects"):
-        pretrain.main(args(data, out, "train.steps=8", "model.ffn_dim=128", "train.eval_every=0"))
+def test_resume_faults_and_the_recorded_model(data, tmp_path, capsys):
+    out = tmp_path / "resume"
+    short = ["train.eval_every=0", "optim.decay_steps=8"]
+    pretrain.main(args(data, out, "train.steps=4", *short))
+    # model.* that contradicts the checkpoint is refused, naming the key and both values.
+    with pytest.raises(UserError, match=r"model\.ffn_dim=128 contradicts .*checkpoints, which holds "
+                                        r"a model with ffn_dim=176: leave model\.\* out"):
+        pretrain.main(args(data, out, "train.steps=8", "model.ffn_dim=128", *short))
+    # Another step dtype: not "another model?" but what differs and what to do instead.
+    with pytest.raises(UserError, match=r"was trained with train\.step\.dtype=fp32; resuming it with "
+                                        r"train\.step\.dtype=bf16 is not supported.*checkpoint\.finetune=true"):
+        pretrain.main(args(data, out, "train.steps=8", "train.step.dtype=bf16", *short))
+    # A second run on the same out_dir: the lock names its holder (here: this live process).
+    lock = out / ".lock"
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": "now"}))
+    with pytest.raises(UserError, match=rf"in use by another run \(host {socket.gethostname()}, "
+                                        rf"pid {os.getpid()}, since now\)"):
+        pretrain.main(args(data, out, "train.steps=8", *short))
+    # A lock left by a dead process is taken over; a metrics line cut by a kill is dropped; the
+    # model need not be restated (the default model has another shape: the recorded one is used).
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "since": "then"}))
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 3.')
+    capsys.readouterr()
+    pretrain.main([a for a in args(data, out, "train.steps=6", *short) if a != "model=tiny"])
+    captured = capsys.readouterr()
+    assert f"locked by pid {dead.pid}" in captured.err and "taking the lock over" in captured.err
+    assert "dropped 1 unreadable line(s) (line 5" in captured.err
+    assert "resuming from" in captured.out and "at step 4" in captured.out
+    assert [r["step"] for r in metrics(out) if "loss" in r] == list(range(1, 7))
+    assert not lock.exists()  # released at the end
+    state, extra = final_state(out, 6)
+    assert extra["config"]["model"] == config_lib.to_dict(llama.PRESETS["tiny"])
+
+
+def test_empty_data_paths_and_out_dir_are_errors(data, tmp_path):
+    with pytest.raises(UserError, match="data.paths is empty"):
+        pretrain.main(args(data, tmp_path / "e", "data.paths=[]"))
+    assert not (tmp_path / "default-data").exists()  # the generated corpus was not used instead
+    with pytest.raises(ConfigError, match="out_dir is empty"):
+        pretrain.main([*args(data, tmp_path / "x"), "out_dir="])
+
+
+def test_sigterm_saves_and_exits_with_143(data, tmp_path):
+    """In-process: a timer sends SIGTERM once the loop has logged a step."""
+    out = tmp_path / "term"
+
+    def send_when_training():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            log = out / "metrics.jsonl"
+            if log.exists() and log.read_text().strip():
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.01)
+    timer = threading.Thread(target=send_when_training, daemon=True)
+    timer.start()
+    with pytest.raises(Interrupted, match=r"interrupted by SIGTERM at step (\d+); the checkpoint of "
+                                          r"step \1 is saved") as info:
+        pretrain.main(args(data, out, "train.steps=400", "optim.decay_steps=400", "train.eval_every=0"))
+    timer.join()
+    assert info.value.exit_code == 143
+    stopped = int(re.search(r"step (\d+);", str(info.value)).group(1))
+    assert stopped < 400 and (out / "checkpoints" / str(stopped)).is_dir()
+
+    def interrupted_main(argv):
+        raise info.value
+    with pytest.raises(SystemExit) as exit_info:  # what `python -m runners.pretrain` exits with
+        cli.run(interrupted_main, [])
+    assert exit_info.value.code == 143
+
+
+def test_a_data_error_exits_2_with_one_line_and_no_traceback(data, tmp_path):
+    """Resources opened at start-up (the checkpointer's orbax threads) are closed on the error
+    path: nothing is printed after the error at interpreter exit."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "runners.pretrain",
+                           *args(data, tmp_path / "bad", "data.paths=[nowhere/corpus]")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: data path 'nowhere/corpus'"), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "cannot schedule new futures" not in proc.stderr
 
 
 def test_unwritable_output_is_reported(data, tmp_path):
@@ -148,7 +232,7 @@ def test_torchrun_fsdp_then_resume_under_tensor_parallel(data, tmp_path):
     second = subprocess.run([*torchrun, *common, "train.steps=8", "mesh.fsdp=1", "mesh.tensor=2"],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "resuming at step 4" in second.stdout
+    assert "resuming from" in second.stdout and "at step 4" in second.stdout
     rows = [r for r in metrics(out) if "loss" in r]
     assert [r["step"] for r in rows] == list(range(1, 9))
     assert all(math.isfinite(r["loss"]) for r in rows) and rows[-1]["loss"] < rows[0]["loss"]
@@ -161,15 +245,18 @@ def test_bf16_finetune_from_a_native_checkpoint_starts_from_its_weights(data, tm
     pretrain.main(args(data, base, "train.steps=4", "optim.decay_steps=4", "train.eval_every=0"))
     loaded, _ = final_state(base, 4)
     out = tmp_path / "bf16"
-    pretrain.main(args(data, out, f"checkpoint.load={base / 'checkpoints'}", "checkpoint.finetune=true",
-                       "train.step.dtype=bf16", "train.steps=1", "optim.lr=0", "optim.min_lr=0",
-                       "train.eval_every=0"))
-    target = train_step.init_state(llama.init(llama.PRESETS["tiny"]), pretrain.PretrainConfig().optim,
+    # No model.*: the checkpoint's recorded model is used (the default model has another shape).
+    pretrain.main([a for a in args(data, out, f"checkpoint.load={base / 'checkpoints'}",
+                                   "checkpoint.finetune=true", "train.step.dtype=bf16", "train.steps=1",
+                                   "optim.lr=0", "optim.min_lr=0", "train.eval_every=0")
+                   if a != "model=tiny"])
+    target = train_step.init_state(llama.init(llama.PRESETS["tiny"]),
                                    train_step.TrainStepConfig(dtype="bf16"))
     ckpt = ckpt_lib.Checkpointer(ckpt_lib.CheckpointConfig(dir=str(out / "checkpoints")))
     state, _ = ckpt.restore(target, step=1)
     ckpt.close()
-    # lr 0: the step changes nothing, so params are the loaded ones (bf16-rounded), not the init.
-    expected = loaded["params"]["layers"][0]["wq"].to(torch.bfloat16)
-    assert torch.equal(state["params"]["layers"][0]["wq"], expected)
-    assert torch.equal(state["opt"]["master"]["layers"][0]["wq"], expected.float())
+    # lr 0: the step changes nothing, so the master weights are the loaded fp32 ones exactly (made
+    # from the loaded params, not from a random init) and the params their bf16 rounding.
+    loaded_wq = loaded["params"]["layers"][0]["wq"]
+    assert torch.equal(state["params"]["layers"][0]["wq"], loaded_wq.to(torch.bfloat16))
+    assert torch.equal(state["opt"]["master"]["layers"][0]["wq"], loaded_wq)

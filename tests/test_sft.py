@@ -1,14 +1,19 @@
 """runners.sft end to end (eager, tiny): alpaca data -> preprocess -> LoRA / full fine-tuning."""
 import json
 import random
+import re
 
 import pytest
 import torch
 
+from lib.data import DataConfig
 from lib.data.corpus import default_dataset
+from lib.data.indexed import IndexedDatasetWriter
+from lib.data.sft_dataset import open_sft_pair, response_token_counts, sample_arrays
 from lib.errors import UserError
 from models import hf, llama, peft
-from runners import preprocess, sft
+from runners import convert, preprocess, sft
+from runners.loop.data import instruction_data_notes
 
 WORDS = "list sort the numbers name a colour give one fruit reverse this word count letters".split()
 
@@ -16,7 +21,8 @@ WORDS = "list sort the numbers name a colour give one fruit reverse this word co
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("sft")
-    _, tok = default_dataset(root, max_bytes=150_000, vocab_size=512)
+    text, tok = default_dataset(root, max_bytes=150_000, vocab_size=512)
+    (root / "text_prefix").write_text(text)  # pretraining text, for the wrong-data test
     rng = random.Random(0)
     records = [{"instruction": " ".join(rng.choices(WORDS, k=6)), "input": "",
                 "output": " ".join(rng.choices(WORDS, k=8))} for _ in range(64)]
@@ -38,31 +44,69 @@ def run_sft(root, tok, out, *extra):
     return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_lora_trains_adapters_only_and_writes_peft(setup, tmp_path):
+LORA_ARGS = ("lora.r=4", "lora.alpha=8", "lora.target_modules=[q,v]", "lora.dropout=0.1")
+
+
+@pytest.fixture(scope="module")
+def lora_run(setup, tmp_path_factory):
+    """A LoRA run from the HF base: (out_dir, metrics rows)."""
     root, tok = setup
-    rows = run_sft(root, tok, tmp_path / "lora", "lora.r=4", "lora.alpha=8",
-                   "lora.target_modules=[q,v]", "lora.dropout=0.1")
+    out = tmp_path_factory.mktemp("lora") / "run"
+    return out, run_sft(root, tok, out, *LORA_ARGS)
+
+
+def test_lora_trains_adapters_only_and_writes_peft(lora_run):
+    out, rows = lora_run
     losses = [r["loss"] for r in rows if "loss" in r]
     assert losses[-1] < losses[0]
-    lora_cfg, adapters, modules = peft.load(tmp_path / "lora" / "adapter")
+    lora_cfg, adapters, modules = peft.load(out / "adapter")
     assert lora_cfg.r == 4 and lora_cfg.target_modules == ("q", "v") and not modules
     assert all(ab["b"].abs().sum() > 0 for layer in adapters["layers"] for ab in layer.values())
     assert set(adapters["layers"][0]) == {"wq", "wv"}
 
 
-def test_full_finetune_writes_an_hf_model(setup, tmp_path):
+def test_full_finetune_writes_an_hf_model_and_reports_cut_responses(setup, tmp_path, capsys):
     root, tok = setup
-    run_sft(root, tok, tmp_path / "full", "train.eval_every=3")
+    # Examples hold 115-136 tokens; data.seq_len=128 cuts the ends of the longer responses.
+    run_sft(root, tok, tmp_path / "full", "train.eval_every=3", "data.seq_len=128")
     config, tuned = hf.load(tmp_path / "full" / "hf")
     _, base = hf.load(root / "base")
     assert config == llama.PRESETS["tiny"]
     assert not torch.equal(tuned["layers"][0]["wq"], base["layers"][0]["wq"])
+    out = capsys.readouterr().out
+    assert re.search(r"note: \d+ of \d+ response tokens \(\d+\.\d%\) lie beyond data\.seq_len=128 "
+                     r"and are never trained on", out), out[-2000:]
+    assert re.search(r"done: step 6; .* response tokens", out)  # in the final summary too
 
 
-def test_lora_with_full_recompute_is_refused(setup, tmp_path):
+def test_cut_response_counts_match_the_samples(setup):
+    """response_token_counts against the samples training sees (sample_arrays' labels)."""
+    root, _ = setup
+    prefix = str(root / "alpaca")
+    ids, mask = open_sft_pair(prefix)
+    for seq_len in (64, 120):
+        total, cut = response_token_counts(prefix, (0, ids.num_documents), seq_len)
+        full = kept = 0
+        for d in range(ids.num_documents):
+            full += int((sample_arrays(ids.document(d), mask.document(d), 10_000, 0)["labels"] != -100).sum())
+            kept += int((sample_arrays(ids.document(d), mask.document(d), seq_len, 0)["labels"] != -100).sum())
+        assert (total, cut) == (full, full - kept) and cut > 0
+
+
+def test_wrong_or_empty_instruction_data_is_refused(setup, tmp_path):
     root, tok = setup
-    with pytest.raises(UserError, match="remat=full"):
-        run_sft(root, tok, tmp_path / "x", "lora.r=4", "train.step.remat=full")
+    text = (root / "text_prefix").read_text()
+    with pytest.raises(UserError, match=r"holds pretraining text .* not instruction data"):
+        instruction_data_notes(DataConfig(paths=(text,), seq_len=64))
+    # Instruction data whose loss mask is all zeros: nothing to learn.
+    for suffix, dtype in (("_input_ids_document", "int32"), ("_loss_mask_document", "uint8")):
+        with IndexedDatasetWriter(str(tmp_path / f"silent{suffix}"), dtype) as w:
+            for n in (5, 7, 6):
+                w.add_document(list(range(1, n + 1)) if "ids" in suffix else [0] * n)
+    with pytest.raises(UserError, match="holds no trained \\(response\\) tokens"):
+        instruction_data_notes(DataConfig(paths=(str(tmp_path / "silent"),), seq_len=8, split="1"))
+    with pytest.raises(UserError, match="cuts off every response token"):
+        instruction_data_notes(DataConfig(paths=(str(root / "alpaca"),), seq_len=2))
 
 
 def test_sft_needs_a_model_and_data(tmp_path):
@@ -72,9 +116,11 @@ def test_sft_needs_a_model_and_data(tmp_path):
 
 @pytest.mark.compiled
 def test_compiled_lora_step_matches_eager(setup, tmp_path):
+    """LoRA compiled with full recompute and dropout: the same masks, losses and gradients as
+    the eager step (the masks are counter-based, lib.prng)."""
     root, tok = setup
-    lora_args = ["lora.r=4", "lora.target_modules=[q,v,down]", "lora.dropout=0.0", "train.steps=2",
-                 "train.eval_every=0"]
+    lora_args = ["lora.r=4", "lora.target_modules=[q,v,down]", "lora.dropout=0.2", "train.steps=2",
+                 "train.eval_every=0", "train.step.remat=full"]
     eager = run_sft(root, tok, tmp_path / "eager", *lora_args)
     compiled = run_sft(root, tok, tmp_path / "compiled", *lora_args, "train.step.compile=true")
     for e, c in zip(eager, compiled, strict=True):
@@ -82,12 +128,16 @@ def test_compiled_lora_step_matches_eager(setup, tmp_path):
         assert c["grad_norm"] == pytest.approx(e["grad_norm"], rel=1e-4)
 
 
-def test_native_checkpoint_is_refused_with_the_conversion_command(tmp_path):
-    native = tmp_path / "native" / "0"
-    (native / "state").mkdir(parents=True)
-    (native / "extra").mkdir()
-    with pytest.raises(UserError, match="runners.convert native-to-hf"):
-        sft.main([f"checkpoint.load={native}", "data.paths=[x]", f"out_dir={tmp_path / 'o'}"])
+def test_sft_from_a_native_checkpoint_equals_sft_from_hf(setup, lora_run, tmp_path):
+    """The native checkpoint's recorded model and weights: the same run as from the HF base."""
+    root, tok = setup
+    convert.hf_to_native(root / "base", tmp_path / "native", dtype=None)
+    rows = run_sft(root, tok, tmp_path / "from-native", *LORA_ARGS,
+                   f"checkpoint.load={tmp_path / 'native'}")
+    _, reference = lora_run
+    keys = ("step", "loss", "grad_norm", "lr")
+    assert [{k: r[k] for k in keys} for r in rows if "loss" in r] == \
+        [{k: r[k] for k in keys} for r in reference if "loss" in r]
 
 
 def test_a_typo_in_an_optional_section_suggests_the_key():

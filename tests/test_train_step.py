@@ -9,7 +9,7 @@ import torch
 
 from lib import optim, pytree
 from lib.errors import UserError
-from models import attention, llama
+from models import attention, llama, lora
 from parallel import sharding
 from parallel.mesh import MeshConfig, build_mesh
 from parallel.train_step import TrainStepConfig, build_eval_step, build_train_step, init_state
@@ -30,7 +30,7 @@ def make_batch(seed=0, rows=4, seq=16):
 
 
 def run(step_cfg, steps=2, opt=OPT, **kw):
-    state = init_state(llama.init(MODEL, seed=0), opt, step_cfg)
+    state = init_state(llama.init(MODEL, seed=0), step_cfg)
     step = build_train_step(MODEL, opt, step_cfg, MESH, RULES, kernels=KERNELS, **kw)
     history = []
     for i in range(steps):
@@ -65,6 +65,33 @@ def test_remat_full_and_selective_give_the_same_step():
         assert pytree.max_abs_diff(base["params"], state["params"])[0] < 1e-7, mode
 
 
+def test_lora_trains_the_same_under_every_remat_mode():
+    """LoRA weights are pytree nodes, so full recompute differentiates the adapters inside a
+    layer; dropout masks come from (seed, step) keys, so the recomputed forward draws the masks
+    the first one did and every mode takes the same step."""
+    lcfg = lora.LoraConfig(r=4, alpha=8.0, dropout=0.3, target_modules=("q", "v", "down"),
+                           modules_to_save=("lm_head",))
+    adapters = pytree.tree_map(lambda t: t + 0.02, lora.init_adapters(MODEL, lcfg, seed=1))
+    trained, frozen = lora.trainable(llama.init(MODEL, seed=0), adapters, lcfg)
+    forward = lora.forward_fn(MODEL, lcfg, frozen)
+    linear = dataclasses.replace(OPT, eps=1.0)  # updates ~ lr * g: params compare the gradients
+
+    def one_step(remat, seed=5):
+        cfg = TrainStepConfig(compile=False, remat=remat)
+        step = build_train_step(MODEL, linear, cfg, MESH, RULES, kernels=KERNELS, forward=forward,
+                                seed=seed)
+        return step(init_state(trained, cfg), make_batch(0))
+
+    base, m = one_step("none")
+    assert pytree.max_abs_diff(base["params"], trained)[0] > 1e-4  # adapters and lm_head moved
+    for mode in ("selective", "full"):
+        state, mm = one_step(mode)
+        assert abs(float(mm["grad_norm"]) - float(m["grad_norm"])) < 1e-6, mode
+        assert pytree.max_abs_diff(state["params"], base["params"])[0] < 1e-7, mode
+    other_masks, mo = one_step("full", seed=6)
+    assert abs(float(mo["grad_norm"]) - float(m["grad_norm"])) > 1e-4  # dropout is on
+
+
 def test_bf16_keeps_fp32_moments_and_master_weights():
     state, history = run(TrainStepConfig(compile=False, dtype="bf16"))
     assert state["params"]["layers"][0]["wq"].dtype == torch.bfloat16
@@ -81,7 +108,7 @@ def test_bf16_keeps_fp32_moments_and_master_weights():
 def test_fp16_overflow_skips_the_update_and_backs_off_the_scale():
     huge = optim.LossScaleConfig(initial=2.0 ** 40, growth_interval=1)
     params = llama.init(MODEL, seed=0)
-    state0 = init_state(params, OPT, TrainStepConfig(dtype="fp16", loss_scale=huge))
+    state0 = init_state(params, TrainStepConfig(dtype="fp16", loss_scale=huge))
     step = build_train_step(MODEL, OPT, TrainStepConfig(compile=False, dtype="fp16", loss_scale=huge),
                             MESH, RULES, kernels=KERNELS)
     state1, m = step(state0, make_batch(0))
@@ -91,7 +118,7 @@ def test_fp16_overflow_skips_the_update_and_backs_off_the_scale():
     assert int(state1["opt"]["count"]) == 0 and int(state1["step"]) == 1
     # A sane scale trains, and after `growth_interval` good steps the scale grows.
     sane = dataclasses.replace(huge, initial=2.0 ** 10)
-    state = init_state(params, OPT, TrainStepConfig(dtype="fp16", loss_scale=sane))
+    state = init_state(params, TrainStepConfig(dtype="fp16", loss_scale=sane))
     step = build_train_step(MODEL, OPT, TrainStepConfig(compile=False, dtype="fp16", loss_scale=sane),
                             MESH, RULES, kernels=KERNELS)
     state, m = step(state, make_batch(0))
@@ -108,7 +135,7 @@ def test_eval_step_is_the_mean_loss():
 
 
 def test_bad_batches_are_user_errors():
-    state = init_state(llama.init(MODEL), OPT, TrainStepConfig())
+    state = init_state(llama.init(MODEL), TrainStepConfig())
     step = build_train_step(MODEL, OPT, TrainStepConfig(compile=False, micro_batches=3), MESH, RULES)
     with pytest.raises(UserError, match="not divisible by micro_batches=3"):
         step(state, make_batch(0))

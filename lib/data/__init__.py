@@ -24,12 +24,12 @@ from lib.data.sft_dataset import IDS_SUFFIX, SFTDataset, open_examples
 from lib.data.vocab import check_token_ids, token_id_range
 from lib.errors import UserError
 
-__all__ = ["DataConfig", "build_datasets", "batches", "IndexedDataset"]
+__all__ = ["DataConfig", "build_datasets", "batches", "data_kind", "IndexedDataset"]
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    paths: tuple[str, ...] = ()
+    paths: tuple[str, ...] | None = None  # None: the runner's default (pretrain: a generated corpus)
     weights: tuple[float, ...] | None = None  # one per path; None = equal
     split: str = "969,30,1"  # train,valid,test proportions of each path's sequences (megatron-core's split)
     seq_len: int = 2048
@@ -51,7 +51,8 @@ class DataConfig:
             raise ValueError(f"split={self.split!r} must hold finite numbers")
 
 
-def _kind(path: str) -> str:
+def data_kind(path: str) -> str:
+    """"text" (pretraining `.bin/.idx`) or "sft" (instruction data) for a dataset prefix."""
     if exists(path):
         return "text"
     if exists(path + IDS_SUFFIX) or modellink.is_modellink(path):
@@ -106,7 +107,7 @@ def build_datasets(cfg: DataConfig, num_samples: dict[str, int], max_seq_len: in
     if unknown:
         raise ValueError(f"unknown splits {sorted(unknown)}")
     weights = normalize_weights(cfg.weights, len(cfg.paths))
-    kinds = {p: _kind(p) for p in cfg.paths}
+    kinds = {p: data_kind(p) for p in cfg.paths}
     if len(set(kinds.values())) > 1:
         raise UserError(f"data paths mix pretraining text and instruction data: {kinds}")
     pad_id = _pad_id(cfg) if "sft" in kinds.values() else 0

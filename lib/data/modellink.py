@@ -25,8 +25,7 @@ import numpy as np
 
 from lib.data.indexed import IndexedDataset, exists
 from lib.errors import UserError
-
-IGNORE_INDEX = -100
+from lib.labels import IGNORE_INDEX
 IDS, LABELS, ATTENTION = "_packed_input_ids_document", "_packed_labels_document", "_packed_attention_mask_document"
 
 
@@ -61,6 +60,10 @@ class ModelLinkExamples:
     @property
     def num_documents(self) -> int:
         return self.ids.num_documents
+
+    def trained(self, d: int) -> np.ndarray:
+        """Per token of document d: is it a trained (labelled) token."""
+        return np.concatenate(self.labels.document(d)) != IGNORE_INDEX
 
     def sample(self, d: int, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
         ids = np.concatenate(self.ids.document(d)).astype(np.int64)[:seq_len]

@@ -18,8 +18,9 @@ from lib.data.gpt_dataset import _file_key, build_document_index, default_cache_
 from lib.data.indexed import IndexedDataset
 from lib.data.modellink import ModelLinkExamples, is_modellink
 from lib.errors import UserError
+from lib.labels import IGNORE_INDEX
 
-IGNORE_INDEX = -100
+
 IDS_SUFFIX, MASK_SUFFIX = "_input_ids_document", "_loss_mask_document"
 SFT_INDEX_VERSION = 1
 
@@ -66,6 +67,10 @@ class OwnExamples:
     def sample(self, d: int, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
         return sample_arrays(self.ids.document(d), self.mask.document(d), seq_len, pad_id)
 
+    def trained(self, d: int) -> np.ndarray:
+        """Per token of document d (its examples end to end): is it a trained response token."""
+        return self.mask.document_span(d) != 0
+
 
 def open_examples(prefix: str, eos_id: int | None = None) -> OwnExamples | ModelLinkExamples:
     """Our instruction files at `prefix`, else ModelLink's (their packed examples split at `eos_id`)."""
@@ -97,3 +102,16 @@ class SFTDataset:
             raise IndexError(f"sample {i} outside 0..{self.num_samples - 1}")
         d = int(self.doc_index[i])
         return self.examples.sample(d, self.seq_len, self.pad_id)
+
+
+def response_token_counts(prefix: str, documents: tuple[int, int], seq_len: int,
+                          eos_id: int | None = None) -> tuple[int, int]:
+    """(trained response tokens in documents [lo, hi), how many of them lie beyond `seq_len`):
+    samples are cut at seq_len, so those are never trained on."""
+    examples = open_examples(prefix, eos_id)
+    total = dropped = 0
+    for d in range(*documents):
+        trained = examples.trained(d)
+        total += int(np.count_nonzero(trained))
+        dropped += int(np.count_nonzero(trained[seq_len:]))
+    return total, dropped
