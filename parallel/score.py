@@ -1,7 +1,7 @@
 """Log-likelihoods of continuations, batched and compiled: the engine behind `runners.evaluate`.
 
-    scorer = Scorer(params, config, mesh, rules, kernels=..., backend="inductor")
-    results = scorer(requests)    # [(sum of log p(continuation | context), is_greedy), ...]
+    scorer = Scorer(config, mesh, rules, kernels=..., backend="inductor")
+    results, truncated = scorer(params, requests)   # [(log p(continuation | context), is_greedy)]
 
 lm-eval's HFLM runs one forward per (context, continuation) pair and a full-vocabulary
 log-softmax at every position of the batch. Here:
@@ -35,7 +35,6 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.experimental import implicit_replication
 
-from lib import pytree
 from lib.constraints import constrain, use_constraint
 from lib.evals.tokens import Request
 from models import llama
@@ -278,18 +277,20 @@ def build_prefix_score_fn(config: llama.Config, kernels: llama.Kernels, dtype: t
 
 
 class Scorer:
-    """Scores requests with `params` on this process's mesh (see the module docstring).
+    """Scores requests with a model's params on this process's mesh (see the module docstring).
+    The compiled functions are kept across calls: params change (training), graphs do not.
 
     tokens_per_batch: padded tokens per forward when `rows_per_batch` is not fixed.
     share_prefixes: run the common beginning of rows once (single process, batches by tokens).
     """
 
-    def __init__(self, params: Any, config: llama.Config, mesh: Mesh, rules: sharding.Rules, *,
-                 kernels: llama.Kernels = llama.Kernels(), backend: str | Callable | None = None,
+    def __init__(self, config: llama.Config, mesh: Mesh, rules: sharding.Rules, *,
+                 kernels: llama.Kernels = llama.Kernels(), dtype: torch.dtype = torch.float32,
+                 backend: str | Callable | None = None,
                  cache_dir: str | None = None, tokens_per_batch: int = 4096,
                  rows_per_batch: int | None = None, share_prefixes: bool = True, pad_id: int = 0,
                  device: torch.device | str = "cpu"):
-        self.params, self.config, self.mesh, self.rules = params, config, mesh, rules
+        self.config, self.mesh, self.rules = config, mesh, rules
         self.tokens_per_batch, self.rows_per_batch = tokens_per_batch, rows_per_batch
         self.pad_id, self.device = pad_id, torch.device(device)
         # torch.compile specialises on shapes: one graph per (rows, length, entries) bucket.
@@ -298,12 +299,11 @@ class Scorer:
         # Shared prefixes go through the KV cache, which runs on plain tensors only: under a
         # mesh every row is scored whole. A fixed `rows_per_batch` also scores rows whole.
         self._share_prefixes = share_prefixes and mesh.device_mesh is None and rows_per_batch is None
-        dtype = pytree.leaves(params)[0].dtype
         self._score_prefixed = jit_lib.jit(build_prefix_score_fn(config, kernels, dtype), backend,
                                            cache_dir=cache_dir)
         self._constraint = sharding.activation_constraint(rules, mesh)
 
-    def __call__(self, requests: Sequence[Request],
+    def __call__(self, params: Any, requests: Sequence[Request],
                  progress: Callable[[int], None] | None = None) -> tuple[list[tuple[float, bool]], set[int]]:
         """[(log-likelihood, is_greedy)] per request, in order, and the truncated requests.
 
@@ -323,9 +323,9 @@ class Scorer:
                 progress(sum(len(set(row.requests)) for row in rows))
 
         for batch in make_prefix_batches(groups, self.tokens_per_batch):
-            collect([row for _, row in batch.rows], *self._run_prefixed(batch))
+            collect([row for _, row in batch.rows], *self._run_prefixed(params, batch))
         for step in _lockstep(make_batches(rows, self.tokens_per_batch, self.rows_per_batch), count):
-            lp, gr = self._run(step[index])
+            lp, gr = self._run(params, step[index])
             collect(step[index].rows, lp, gr)
         logprob = [0.0] * len(requests)
         greedy = [True] * len(requests)
@@ -334,15 +334,15 @@ class Scorer:
             greedy[req] = greedy[req] and gr
         return list(zip(logprob, greedy)), truncated
 
-    def _run(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run(self, params: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         t = sharding.shard_batch(_tensors(batch, self.pad_id, self.device), self.rules, self.mesh)
         with implicit_replication(), use_constraint(self._constraint):
-            lp, gr = self._score(self.params, t["tokens"], t["positions"], t["targets"])
+            lp, gr = self._score(params, t["tokens"], t["positions"], t["targets"])
         return lp.cpu(), gr.cpu()
 
-    def _run_prefixed(self, batch: PrefixBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run_prefixed(self, params: Any, batch: PrefixBatch) -> tuple[torch.Tensor, torch.Tensor]:
         t = _prefix_tensors(batch, self.pad_id, self.device)
-        lp, gr = self._score_prefixed(self.params, t["prefix"], t["start"], t["row_group"], t["suffix"],
+        lp, gr = self._score_prefixed(params, t["prefix"], t["start"], t["row_group"], t["suffix"],
                                       t["positions"], t["targets"])
         return lp.cpu(), gr.cpu()
 

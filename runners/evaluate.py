@@ -42,18 +42,9 @@ CHUNK_DOCS = 512
 
 
 @dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig(evals.TaskConfig):
+    """The tasks (lib.evals.TaskConfig) and how they are scored."""
     tasks: tuple[str, ...] = ("mmlu",)
-    # Where each task's files are (see README "Evaluation" for the layouts read).
-    mmlu: str | None = None
-    ceval: str | None = None
-    boolq: str | None = None
-    piqa: str | None = None
-    hellaswag: str | None = None
-    choice: str | None = None           # your own {"context", "choices", "answer"} jsonl
-    choice_fewshot: str | None = None   # solved examples for `choice` (first num_fewshot used)
-    num_fewshot: int | None = None      # None: MMLU and C-Eval 5, others 0
-    limit: int | None = None            # first N documents of each task (of each exam subject)
     batch_size: int | None = None       # rows per forward; None: as many as fit tokens_per_batch
     tokens_per_batch: int = 4096        # padded tokens per forward when batch_size is None
     # loglikelihood: lm-eval's scoring. generate: ModelLink's way for the lettered exams (MMLU,
@@ -63,15 +54,9 @@ class EvalConfig:
     compile: bool = True
 
     def __post_init__(self):
+        super().__post_init__()
         if not self.tasks:
             raise ValueError("tasks is empty; known tasks: " + ", ".join(evals.TASKS))
-        for task in self.tasks:
-            if task not in evals.TASKS:
-                raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(evals.TASKS)}")
-        if self.num_fewshot is not None and self.num_fewshot < 0:
-            raise ValueError(f"num_fewshot={self.num_fewshot} must be >= 0")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"limit={self.limit} must be >= 1")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size} must be >= 1")
         if self.tokens_per_batch < 1:
@@ -106,19 +91,6 @@ def load_tokenizer_for(cfg: EvaluateConfig) -> Tokenizer:
     return load_tokenizer(path)
 
 
-# ---------------------------------------------------------------------------------------------
-
-
-def task_docs(cfg: EvalConfig) -> list[Doc]:
-    docs: list[Doc] = []
-    for task in cfg.tasks:
-        path = getattr(cfg, task)
-        if path is None:
-            raise UserError(f"eval.tasks includes {task}: set eval.{task}=<path to its files>")
-        docs += evals.load_docs(task, path, cfg.num_fewshot, cfg.limit, cfg.choice_fewshot)
-    return docs
-
-
 # A judge turns a chunk of documents into their outcomes and how many had to be truncated.
 Judge = Callable[[Sequence[Doc]], tuple[list[Outcome], int]]
 
@@ -133,7 +105,7 @@ def sample_line(o: Outcome) -> dict:
             "target": o.doc.target, "correct": o.correct}
 
 
-def by_loglikelihood(tok: Tokenizer, scorer: score.Scorer) -> Judge:
+def by_loglikelihood(tok: Tokenizer, params: llama.Params, scorer: score.Scorer) -> Judge:
     """lm-eval's multiple choice: every choice's continuation scored in one batched pass."""
     def judge(docs: Sequence[Doc]) -> tuple[list[Outcome], int]:
         requests, owner = [], []
@@ -141,7 +113,7 @@ def by_loglikelihood(tok: Tokenizer, scorer: score.Scorer) -> Judge:
             for cont in doc.continuations:
                 requests.append(encode_pair(tok, doc.context, cont))
                 owner.append(d)
-        results, truncated = scorer(requests)
+        results, truncated = scorer(params, requests)
         lls: list[list[float]] = [[] for _ in docs]
         for d, (ll, _) in zip(owner, results):
             lls[d].append(ll)
@@ -198,7 +170,7 @@ def main(argv: Sequence[str]) -> int:
     require_no_stages(cfg.mesh, "runners.evaluate")
     mesh = build_mesh(cfg.mesh, dev.kind)
     rules = sharding.logical_axis_rules(cfg.logical_axis_rules, mesh)
-    docs = task_docs(cfg.eval)  # read (and checked) before the model is loaded
+    docs = evals.task_docs(cfg.eval)  # read (and checked) before the model is loaded
 
     # Adapters merged: scoring never trains them, and the merged weights cost nothing extra.
     dtype = inference.resolve_dtype(cfg.dtype, dev)
@@ -219,8 +191,8 @@ def main(argv: Sequence[str]) -> int:
                                         cache_dir=cache_dir)
         judge = by_generation(tok, generator, cfg.eval)
     else:
-        judge = by_loglikelihood(tok, score.Scorer(
-            params, model, mesh, rules, kernels=model_kernels,
+        judge = by_loglikelihood(tok, params, score.Scorer(
+            model, mesh, rules, kernels=model_kernels, dtype=dtype,
             backend=kernels.compile_backend(dev) if cfg.eval.compile else None, cache_dir=cache_dir,
             tokens_per_batch=cfg.eval.tokens_per_batch, rows_per_batch=cfg.eval.batch_size,
             pad_id=tok.pad_id, device=dev.torch_device))

@@ -72,11 +72,11 @@ def test_interrupted_run_leaves_valid_lines(model_dir, tmp_path, monkeypatch):
     calls = {"n": 0}
     original = score.Scorer.__call__
 
-    def interrupt_second_chunk(self, requests, progress=None):
+    def interrupt_second_chunk(self, params, requests, progress=None):
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt
-        return original(self, requests, progress)
+        return original(self, params, requests, progress)
     monkeypatch.setattr(score.Scorer, "__call__", interrupt_second_chunk)
     with pytest.raises(KeyboardInterrupt):
         _run(model_dir, tmp_path)
@@ -93,7 +93,7 @@ def test_scores_equal_a_plain_forward_per_request():
         for _ in range(3):
             requests.append(Request(context, tuple(torch.randint(1, 700, (1 + i % 3,), generator=g).tolist())))
     mesh = Mesh(None, {"data": 1, "fsdp": 1, "tensor": 1})
-    results, truncated = score.Scorer(params, MODEL, mesh, sharding.load_rules(), tokens_per_batch=512)(requests)
+    results, truncated = score.Scorer(MODEL, mesh, sharding.load_rules(), tokens_per_batch=512)(params, requests)
     for i, req in enumerate(requests):
         whole = (req.context + req.continuation)[-(MODEL.max_seq_len + 1):]
         with torch.no_grad():
@@ -136,8 +136,8 @@ def test_shared_prefixes_run_once_and_score_like_whole_rows():
     assert sorted(len(gr.prefix) for gr in groups)[-3:] == [61, 71, 81]  # the shots, nothing more
     params = llama.init(MODEL, seed=1)
     mesh = Mesh(None, {"data": 1, "fsdp": 1, "tensor": 1})
-    shared, _ = score.Scorer(params, MODEL, mesh, sharding.load_rules(), tokens_per_batch=256)(requests)
-    whole, _ = score.Scorer(params, MODEL, mesh, sharding.load_rules(), share_prefixes=False)(requests)
+    shared, _ = score.Scorer(MODEL, mesh, sharding.load_rules(), tokens_per_batch=256)(params, requests)
+    whole, _ = score.Scorer(MODEL, mesh, sharding.load_rules(), share_prefixes=False)(params, requests)
     assert [r[0] for r in shared] == pytest.approx([r[0] for r in whole], abs=1e-4)
     assert [r[1] for r in shared] == [r[1] for r in whole]
 
@@ -148,13 +148,13 @@ def test_the_compiled_scorer_is_reused_across_batches():
     counter = CompileCounter()
     params = llama.init(MODEL, seed=1)
     mesh = Mesh(None, {"data": 1, "fsdp": 1, "tensor": 1})
-    scorer = score.Scorer(params, MODEL, mesh, sharding.load_rules(), backend=counter, rows_per_batch=2)
+    scorer = score.Scorer(MODEL, mesh, sharding.load_rules(), backend=counter, rows_per_batch=2)
     requests = [Request(tuple(range(1, 10 + i)), (5,)) for i in range(9)]  # lengths 9..17
-    results, _ = scorer(requests)
+    results, _ = scorer(params, requests)
     rows, _ = score.plan_rows(requests, MODEL.max_seq_len)
     shapes = {b.shape for b in score.make_batches(rows, 0, 2)}
     assert len(shapes) == 2 and counter.frame_count == len(shapes)  # 5 batches, 2 graphs
-    eager, _ = score.Scorer(params, MODEL, mesh, sharding.load_rules(), rows_per_batch=2)(requests)
+    eager, _ = score.Scorer(MODEL, mesh, sharding.load_rules(), rows_per_batch=2)(params, requests)
     assert [r[0] for r in results] == pytest.approx([r[0] for r in eager], abs=1e-5)
 
 

@@ -8,6 +8,7 @@ Pure: nothing here touches a model. Each task module says which lm-eval definiti
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from lib.errors import UserError
@@ -19,7 +20,45 @@ DEFAULT_FEWSHOT = {"mmlu": 5, "ceval": 5}
 # Tasks whose lm-eval definition reports acc_norm beside acc.
 WITH_ACC_NORM = ("ceval", "piqa", "hellaswag", "choice")
 
-__all__ = ["Doc", "Scored", "TASKS", "DEFAULT_FEWSHOT", "WITH_ACC_NORM", "check_task", "load_docs"]
+__all__ = ["Doc", "Scored", "TASKS", "DEFAULT_FEWSHOT", "WITH_ACC_NORM", "TaskConfig", "check_task",
+           "load_docs", "task_docs"]
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """Which tasks, from which files: the `eval.` keys of runners.evaluate, and of pretrain and
+    sft, which score them every `train.eval_every` steps (no tasks: nothing scored)."""
+    tasks: tuple[str, ...] = ()
+    # Where each task's files are (see README "Evaluation" for the layouts read).
+    mmlu: str | None = None
+    ceval: str | None = None
+    boolq: str | None = None
+    piqa: str | None = None
+    hellaswag: str | None = None
+    choice: str | None = None           # your own {"context", "choices", "answer"} jsonl
+    choice_fewshot: str | None = None   # solved examples for `choice` (first num_fewshot used)
+    num_fewshot: int | None = None      # None: MMLU and C-Eval 5, others 0
+    limit: int | None = None            # first N documents of each task (of each exam subject)
+
+    def __post_init__(self):
+        for task in self.tasks:
+            if task not in TASKS:
+                raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}")
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            raise ValueError(f"num_fewshot={self.num_fewshot} must be >= 0")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit={self.limit} must be >= 1")
+
+
+def task_docs(cfg: TaskConfig) -> list[Doc]:
+    """The documents of every task of `cfg`, in order (read and checked up front)."""
+    docs: list[Doc] = []
+    for task in cfg.tasks:
+        path = getattr(cfg, task)
+        if path is None:
+            raise UserError(f"eval.tasks includes {task}: set eval.{task}=<path to its files>")
+        docs += load_docs(task, path, cfg.num_fewshot, cfg.limit, cfg.choice_fewshot)
+    return docs
 
 
 def check_task(name: str) -> str:
