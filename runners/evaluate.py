@@ -30,7 +30,7 @@ from lib import config as config_lib
 from lib.errors import UserError
 from lib.evals import report
 from lib.evals.doc import Answered, Doc, Outcome, Scored
-from lib.evals.tokens import encode_pair
+from lib.evals.tokens import doc_requests, scored_docs
 from lib.tokenizer import Tokenizer, load_tokenizer
 from models import checkpoints, llama
 from parallel import kernels, score, sharding
@@ -108,16 +108,9 @@ def sample_line(o: Outcome) -> dict:
 def by_loglikelihood(tok: Tokenizer, params: llama.Params, scorer: score.Scorer) -> Judge:
     """lm-eval's multiple choice: every choice's continuation scored in one batched pass."""
     def judge(docs: Sequence[Doc]) -> tuple[list[Outcome], int]:
-        requests, owner = [], []
-        for d, doc in enumerate(docs):
-            for cont in doc.continuations:
-                requests.append(encode_pair(tok, doc.context, cont))
-                owner.append(d)
+        requests, owner = doc_requests(tok, docs)
         results, truncated = scorer(params, requests)
-        lls: list[list[float]] = [[] for _ in docs]
-        for d, (ll, _) in zip(owner, results):
-            lls[d].append(ll)
-        return [Scored(doc, tuple(x)) for doc, x in zip(docs, lls)], len({owner[i] for i in truncated})
+        return scored_docs(docs, owner, [ll for ll, _ in results]), len({owner[i] for i in truncated})
     return judge
 
 

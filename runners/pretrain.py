@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lib import checkpoint as ckpt_lib
-from lib import cli
+from lib import cli, evals
 from lib import config as config_lib
 from lib import optim
 from lib.data import DataConfig
@@ -40,6 +40,7 @@ class PretrainConfig:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     logical_axis_rules: tuple[tuple[str, Any], ...] = field(default_factory=sharding.rule_spec)
     data: DataConfig = DataConfig(seq_len=128)   # no paths: the generated default corpus
+    eval: evals.TaskConfig = evals.TaskConfig()   # tasks scored every train.eval_every steps
     checkpoint: ckpt_lib.CheckpointConfig = ckpt_lib.CheckpointConfig(every=100, keep=2)
     out_dir: str = "runs/pretrain"
 

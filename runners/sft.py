@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lib import checkpoint as ckpt_lib
-from lib import cli
+from lib import cli, evals
 from lib import config as config_lib
 from lib import optim, pytree
 from lib.data import DataConfig
@@ -39,6 +39,7 @@ class SftConfig:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     logical_axis_rules: tuple[tuple[str, Any], ...] = field(default_factory=sharding.rule_spec)
     data: DataConfig = DataConfig(seq_len=512)
+    eval: evals.TaskConfig = evals.TaskConfig()   # tasks scored every train.eval_every steps
     checkpoint: ckpt_lib.CheckpointConfig = ckpt_lib.CheckpointConfig(every=100, keep=2)
     out_dir: str = "runs/sft"
 

@@ -23,12 +23,14 @@ import torch
 
 from lib import checkpoint as ckpt_lib
 from lib import config as config_lib
+from lib import dtypes
 from lib.data import DataConfig
 from lib.errors import UserError
 from lib.lock import DirLock
 from models import llama, lora
 from parallel import train_step
 from runners.loop.data import TrainData
+from runners.loop.evaluation import TaskScores
 from runners.loop.guards import DivergenceGuard, StopRequest
 from runners.loop.report import Reporter, Validator, reporting
 from runners.loop.saving import Saver
@@ -72,6 +74,7 @@ class Loop:
     divergence: DivergenceGuard
     reporter: Reporter
     validator: Validator
+    tasks: TaskScores
     saver: Saver
     stop: StopRequest
     steps: int
@@ -85,6 +88,7 @@ class Loop:
                                  samples=self.data.global_batch)
             with self.reporter.paused():
                 self.validator.maybe_run(step, state, self.reporter)
+                self.tasks.maybe_run(step, state, self.reporter)
                 self.saver.maybe_save(step, state)
             if signum := self.stop.agreed():
                 self.saver.save_now(step, state)
@@ -133,6 +137,10 @@ def _train_from(run: Run, cfg: Any, start: Start, ckpt: ckpt_lib.Checkpointer, i
     step_fn = train_step.build_train_step(start.model, cfg.optim, cfg.train.step, run.mesh, run.rules,
                                           seed=cfg.train.seed, **common)
     eval_fn = train_step.build_eval_step(start.model, cfg.train.step, run.mesh, run.rules, **common)
+    # Evaluation tasks are read and tokenized before the first step: a bad task file fails now.
+    tasks = TaskScores(run, cfg.eval, cfg.train.eval_every, model=start.model,
+                       tokenizer=cfg.data.tokenizer, dtype=dtypes.torch_dtype(cfg.train.step.dtype),
+                       params_of=start.params_of)
     if run.is_main:
         config_lib.dump(cfg, run.out_dir / "config.yaml")
     reporter = resources.enter_context(reporting(
@@ -143,7 +151,7 @@ def _train_from(run: Run, cfg: Any, start: Start, ckpt: ckpt_lib.Checkpointer, i
     loop = Loop(step_fn, data,
                 DivergenceGuard(cfg.train.max_bad_steps, cfg.train.step.dtype,
                                 cfg.train.step.loss_scale.min_scale),
-                reporter, Validator(eval_fn, data, cfg.train.eval_every),
+                reporter, Validator(eval_fn, data, cfg.train.eval_every), tasks,
                 Saver(ckpt, config_lib.to_dict(cfg), data),
                 resources.enter_context(StopRequest(run.dev)), cfg.train.steps)
     state = loop.run(start.state, start.step)

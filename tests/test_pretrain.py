@@ -260,3 +260,27 @@ def test_bf16_finetune_from_a_native_checkpoint_starts_from_its_weights(data, tm
     loaded_wq = loaded["params"]["layers"][0]["wq"]
     assert torch.equal(state["params"]["layers"][0]["wq"], loaded_wq.to(torch.bfloat16))
     assert torch.equal(state["opt"]["master"]["layers"][0]["wq"], loaded_wq)
+
+
+def test_evaluation_tasks_are_scored_during_training_as_runners_evaluate_scores_them(data, tmp_path):
+    from runners import evaluate
+    evals_dir = ROOT / "tests" / "data" / "evals"
+    tasks = ["eval.tasks=[mmlu,hellaswag]", f"eval.mmlu={evals_dir}/mmlu/data",
+             f"eval.hellaswag={evals_dir}/hellaswag", "eval.limit=2"]
+    out = tmp_path / "run"
+    pretrain.main(args(data, out, *tasks))
+    logged = [r for r in metrics(out) if "mmlu_acc" in r]
+    assert [r["step"] for r in logged] == [6, 12]
+    assert {"hellaswag_acc", "hellaswag_acc_norm"} <= logged[-1].keys()
+    # the last step's figures are those of the final checkpoint scored on its own
+    evaluate.main([f"checkpoint.load={out}/checkpoints", f"out_dir={tmp_path / 'eval'}",
+                   "eval.compile=false", *tasks])
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())["results"]
+    assert logged[-1]["mmlu_acc"] == results["mmlu"]["acc"]
+    assert logged[-1]["hellaswag_acc_norm"] == results["hellaswag"]["acc_norm"]
+
+
+def test_evaluation_task_files_are_checked_before_training(data, tmp_path):
+    with pytest.raises(UserError, match="eval.tasks includes piqa: set eval.piqa="):
+        pretrain.main(args(data, tmp_path / "run", "eval.tasks=[piqa]"))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -2,6 +2,7 @@
 import json
 import random
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,14 +46,16 @@ def run_sft(root, tok, out, *extra):
 
 
 LORA_ARGS = ("lora.r=4", "lora.alpha=8", "lora.target_modules=[q,v]", "lora.dropout=0.1")
+EVALS = Path(__file__).parent / "data" / "evals"
+EVAL_TASKS = ("eval.tasks=[boolq,piqa]", f"eval.boolq={EVALS}/boolq", f"eval.piqa={EVALS}/piqa")
 
 
 @pytest.fixture(scope="module")
 def lora_run(setup, tmp_path_factory):
-    """A LoRA run from the HF base: (out_dir, metrics rows)."""
+    """A LoRA run from the HF base, scoring evaluation tasks at its last step: (out_dir, rows)."""
     root, tok = setup
     out = tmp_path_factory.mktemp("lora") / "run"
-    return out, run_sft(root, tok, out, *LORA_ARGS)
+    return out, run_sft(root, tok, out, *LORA_ARGS, *EVAL_TASKS, "train.eval_every=6")
 
 
 def test_lora_trains_adapters_only_and_writes_peft(lora_run):
@@ -63,6 +66,20 @@ def test_lora_trains_adapters_only_and_writes_peft(lora_run):
     assert lora_cfg.r == 4 and lora_cfg.target_modules == ("q", "v") and not modules
     assert all(ab["b"].abs().sum() > 0 for layer in adapters["layers"] for ab in layer.values())
     assert set(adapters["layers"][0]) == {"wq", "wv"}
+
+
+def test_evaluation_tasks_during_lora_training_score_the_adapted_model(setup, lora_run, tmp_path):
+    """The figures logged at the last step are runners.evaluate's on the base + written adapter."""
+    from runners import evaluate
+    root, tok = setup
+    out, rows = lora_run
+    logged = [r for r in rows if "boolq_acc" in r]
+    assert [r["step"] for r in logged] == [6] and "piqa_acc_norm" in logged[0]
+    evaluate.main([f"checkpoint.load={root / 'base'}", f"lora.adapter={out / 'adapter'}",
+                   f"data.tokenizer={tok}", f"out_dir={tmp_path}", "eval.compile=false", *EVAL_TASKS])
+    results = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert logged[0]["boolq_acc"] == results["boolq"]["acc"]
+    assert logged[0]["piqa_acc_norm"] == results["piqa"]["acc_norm"]
 
 
 def test_full_finetune_writes_an_hf_model_and_reports_cut_responses(setup, tmp_path, capsys):

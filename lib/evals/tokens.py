@@ -9,8 +9,10 @@
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from lib.evals.doc import Doc, Scored
 from lib.tokenizer import Tokenizer
 
 
@@ -34,3 +36,21 @@ def encode_pair(tok: Tokenizer, context: str, continuation: str) -> Request:
     whole = tok.encode(context + continuation, bos=bos)
     ctx = tok.encode(context, bos=bos)
     return Request(tuple(ctx), tuple(whole[len(ctx):]))
+
+
+def doc_requests(tok: Tokenizer, docs: Sequence[Doc]) -> tuple[list[Request], list[int]]:
+    """One request per choice of every document, and the index of the document each belongs to."""
+    requests, owner = [], []
+    for d, doc in enumerate(docs):
+        for continuation in doc.continuations:
+            requests.append(encode_pair(tok, doc.context, continuation))
+            owner.append(d)
+    return requests, owner
+
+
+def scored_docs(docs: Sequence[Doc], owner: Sequence[int], loglikelihoods: Sequence[float]) -> list[Scored]:
+    """The documents with their choices' log-likelihoods (requests in `doc_requests` order)."""
+    per_doc: list[list[float]] = [[] for _ in docs]
+    for d, ll in zip(owner, loglikelihoods, strict=True):
+        per_doc[d].append(ll)
+    return [Scored(doc, tuple(lls)) for doc, lls in zip(docs, per_doc)]

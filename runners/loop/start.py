@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -74,6 +75,9 @@ class Start:
     consumed_samples: int
     forward: train_step.ForwardFn | None   # LoRA: the adapters' forward over the frozen base
     source: Source
+    # The whole model's parameter tree from the trained one (LoRA: adapters over the frozen
+    # base), for what runs the model outside the train step (evaluation tasks).
+    params_of: Callable[[llama.Params], llama.Params]
 
 
 def initial_state(run: Run, cfg: RunConfig, ckpt: ckpt_lib.Checkpointer, *, given_model: Any = None,
@@ -90,7 +94,7 @@ def initial_state(run: Run, cfg: RunConfig, ckpt: ckpt_lib.Checkpointer, *, give
     if source.whole_state:
         _check_resumable(source, cfg, lora_cfg)
 
-    trained, forward = params, None
+    trained, forward, params_of = params, None, _same
     if lora_cfg is not None:
         adapters = lora.init_adapters(model, lora_cfg, seed=cfg.train.seed, device=run.dev.torch_device)
         adapters = sharding.shard_params(adapters, lora.adapter_axes(model, lora_cfg), run.rules, run.mesh)
@@ -99,13 +103,18 @@ def initial_state(run: Run, cfg: RunConfig, ckpt: ckpt_lib.Checkpointer, *, give
         step_dtype = dtypes.torch_dtype(cfg.train.step.dtype)
         frozen = pytree.tree_map(lambda t: t.to(step_dtype), frozen)
         forward = lora.forward_fn(model, lora_cfg, frozen)
+        params_of = lambda t: lora.adapt(*lora.combine(t, frozen), lora_cfg)
     state = train_step.init_state(trained, cfg.train.step)
 
     step = consumed = 0
     if source.whole_state:
         state, extra = ckpt.restore(state)
         step, consumed = int(state["step"]), int(extra.get("consumed_samples", 0))
-    return Start(model, state, step, consumed, forward, source)
+    return Start(model, state, step, consumed, forward, source, params_of)
+
+
+def _same(params: llama.Params) -> llama.Params:
+    return params
 
 
 def base_params(run: Run, source: Source, default: llama.Config, seed: int
