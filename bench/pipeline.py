@@ -74,7 +74,7 @@ def build(cfg: BenchConfig, model: llama.Config, pipe: int, cache: str):
         step = pipeline_step.build_train_step(model, opt, step_cfg, pipe_cfg, mesh, rules,
                                               kernels=kernels, cache_dir=cache)
     index, count = sharding.batch_shards(rules, mesh)
-    return train_step.init_state(params, opt, step_cfg), step, (index, count)
+    return train_step.init_state(params, step_cfg), step, (index, count)
 
 
 def _device(cfg: BenchConfig) -> torch.device:

@@ -65,6 +65,16 @@ def stage_params(params: llama.Params, model: llama.Config, plan: Layout, mesh: 
                                  pipeline.select(llama.param_axes(model), plan, stages), rules, mesh)
 
 
+def place_params(params: llama.Params, model: llama.Config, pipe_cfg: PipelineConfig, mesh: Mesh,
+                 rules: sharding.Rules) -> llama.Params:
+    """Full-model `params` placed for this run: this rank's stages' part on its stage's
+    sub-mesh when `mesh.pipe` > 1 (the layout checked first), else all of them by the rules."""
+    if mesh.size("pipe") == 1:
+        return sharding.shard_params(params, llama.param_axes(model), rules, mesh)
+    return stage_params(params, model, pipeline.layout(pipe_cfg, model.n_layers, mesh.size("pipe")),
+                        mesh, rules)
+
+
 def _device(mesh: Mesh) -> torch.device:
     kind = mesh.pipe_mesh.device_type
     if kind == "cpu":

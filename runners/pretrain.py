@@ -24,6 +24,7 @@ from lib.data import corpus
 from models import llama
 from parallel import sharding
 from parallel.mesh import MeshConfig
+from parallel.pipeline import PipelineConfig
 from runners import trainer
 
 # The embedded default: a model small enough to learn the generated corpus in minutes on a CPU.
@@ -38,6 +39,7 @@ class PretrainConfig:
     optim: optim.OptimizerConfig = optim.OptimizerConfig(lr=2e-3, min_lr=2e-4, warmup_steps=30,
                                                          decay_steps=300, weight_decay=0.1)
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)   # stages, with mesh.pipe > 1
     logical_axis_rules: tuple[tuple[str, Any], ...] = field(default_factory=sharding.rule_spec)
     data: DataConfig = DataConfig(seq_len=128)   # no paths: the generated default corpus
     eval: evals.TaskConfig = evals.TaskConfig()   # tasks scored every train.eval_every steps
@@ -65,7 +67,7 @@ def with_defaults(cfg: PretrainConfig) -> PretrainConfig:
 def main(argv: Sequence[str]) -> int:
     raw = config_lib.parse_argv_raw(argv)
     cfg = config_lib.from_dict(PretrainConfig, raw)
-    run = trainer.setup(cfg.train, cfg.mesh, cfg.logical_axis_rules, cfg.out_dir)
+    run = trainer.setup(cfg.train, cfg.mesh, cfg.logical_axis_rules, cfg.out_dir, cfg.pipeline)
     cfg = with_defaults(cfg)  # after setup: with several ranks, rank 0 builds the default corpus
     trainer.train(run, cfg, given_model=raw.get("model"))
     return 0

@@ -28,7 +28,7 @@ from lib.data import DataConfig
 from lib.errors import UserError
 from lib.lock import DirLock
 from models import llama, lora
-from parallel import train_step
+from parallel import pipeline_step, train_step
 from runners.loop.data import TrainData
 from runners.loop.evaluation import TaskScores
 from runners.loop.guards import DivergenceGuard, StopRequest
@@ -111,7 +111,8 @@ def train(run: Run, cfg: Any, *, given_model: Any = None, lora_cfg: lora.LoraCon
     with contextlib.ExitStack() as resources:
         _lock_out_dir(run, resources)
         ckpt = resources.enter_context(
-            ckpt_lib.Checkpointer(cfg.checkpoint, run.dist.rank, run.dist.world_size))
+            ckpt_lib.Checkpointer(cfg.checkpoint, run.dist.rank, run.dist.world_size,
+                                  spread=run.mesh.pipe_mesh))
         start = initial_state(run, cfg, ckpt, given_model=given_model, lora_cfg=lora_cfg,
                               params_only=params_only)
         cfg = dataclasses.replace(cfg, model=start.model)
@@ -132,11 +133,7 @@ def _train_from(run: Run, cfg: Any, start: Start, ckpt: ckpt_lib.Checkpointer, i
                 resources: contextlib.ExitStack) -> train_step.State:
     data = TrainData(run, cfg.data, cfg.train, start.model, start.consumed_samples,
                      instruction=instruction)
-    cache = run.out_dir / "inductor-cache"
-    common = dict(kernels=run.kernels, backend=run.backend, cache_dir=cache, forward=start.forward)
-    step_fn = train_step.build_train_step(start.model, cfg.optim, cfg.train.step, run.mesh, run.rules,
-                                          seed=cfg.train.seed, **common)
-    eval_fn = train_step.build_eval_step(start.model, cfg.train.step, run.mesh, run.rules, **common)
+    step_fn, eval_fn = _steps(run, cfg, start)
     # Evaluation tasks are read and tokenized before the first step: a bad task file fails now.
     tasks = TaskScores(run, cfg.eval, cfg.train.eval_every, model=start.model,
                        tokenizer=cfg.data.tokenizer, dtype=dtypes.torch_dtype(cfg.train.step.dtype),
@@ -161,6 +158,23 @@ def _train_from(run: Run, cfg: Any, start: Start, ckpt: ckpt_lib.Checkpointer, i
         summary.append(f"checkpoints: {cfg.checkpoint.dir}")
     reporter.say("; ".join(summary + data.notes))
     return state
+
+
+def _steps(run: Run, cfg: Any, start: Start) -> tuple[Callable, Callable]:
+    """The train and eval steps: torch's pipeline schedules over the stages when mesh.pipe > 1."""
+    common = dict(kernels=run.kernels, backend=run.backend, cache_dir=run.out_dir / "inductor-cache")
+    if run.mesh.size("pipe") > 1:
+        if start.forward is not None:
+            raise UserError(f"mesh.pipe={run.mesh.size('pipe')}: LoRA has no pipeline stages yet; "
+                            "split the model with mesh.fsdp / mesh.tensor")
+        return (pipeline_step.build_train_step(start.model, cfg.optim, cfg.train.step, run.pipeline,
+                                               run.mesh, run.rules, **common),
+                pipeline_step.build_eval_step(start.model, cfg.train.step, run.pipeline, run.mesh,
+                                              run.rules, **common))
+    common["forward"] = start.forward
+    return (train_step.build_train_step(start.model, cfg.optim, cfg.train.step, run.mesh, run.rules,
+                                        seed=cfg.train.seed, **common),
+            train_step.build_eval_step(start.model, cfg.train.step, run.mesh, run.rules, **common))
 
 
 def _lock_out_dir(run: Run, resources: contextlib.ExitStack) -> None:

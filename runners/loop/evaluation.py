@@ -40,6 +40,10 @@ class TaskScores:
             return
         if tokenizer is None:
             raise UserError("eval.tasks are text: set data.tokenizer=<the model's tokenizer file>")
+        if run.mesh.size("pipe") > 1:
+            raise UserError(f"eval.tasks with mesh.pipe={run.mesh.size('pipe')}: task scoring runs the "
+                            "whole model on each rank group, not through pipeline stages; score the "
+                            "run's checkpoints with runners.evaluate (they load under any mesh)")
         tok = load_tokenizer(tokenizer)
         self.requests, self.owner = doc_requests(tok, self.docs)
         self.scorer = score.Scorer(model, run.mesh, run.rules, kernels=run.kernels, dtype=dtype,

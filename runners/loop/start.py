@@ -37,7 +37,7 @@ from lib import config as config_lib
 from lib import dtypes, pytree
 from lib.errors import UserError
 from models import checkpoints, llama, lora
-from parallel import sharding, train_step
+from parallel import pipeline_step, sharding, train_step
 from runners.loop.setup import Run
 
 
@@ -143,7 +143,7 @@ def base_params(run: Run, source: Source, default: llama.Config, seed: int
                                  is_leaf=_is_shape)
     else:
         model, params = default, llama.init(default, seed, device=dev)
-    return model, sharding.shard_params(params, llama.param_axes(model), run.rules, run.mesh)
+    return model, pipeline_step.place_params(params, model, run.pipeline, run.mesh, run.rules)
 
 
 def _is_shape(x: Any) -> bool:
