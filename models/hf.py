@@ -9,21 +9,20 @@ uses, so no permutation is needed here (Meta's original checkpoints do need one:
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from lib import config as config_lib
-from lib import dtypes, files
+from lib import dtypes, files, hostcopy, safetensors_io
 from lib.errors import UserError
 from models import llama
 
@@ -182,51 +181,36 @@ def params_from_state_dict(config: llama.Config, tensors: Mapping[str, torch.Ten
     `where` names the source in error messages. Tensors keep their stored dtype unless `dtype`
     is given.
     """
-    return _params_from_stream(config, tensors.items(), where, dtype, device)
-
-
-def _params_from_stream(config: llama.Config, named_tensors: Iterable[tuple[str, torch.Tensor]],
-                        where: str, dtype: torch.dtype | None,
-                        device: torch.device | str) -> llama.Params:
-    # Each tensor is converted as it arrives, so a loader streaming shards holds about one copy
-    # of the model at a time rather than the raw checkpoint plus the converted tree.
-    table = hf_name_table(config)
-    shapes = llama.param_shapes(config)
+    check_tensors(config, {name: tuple(t.shape) for name, t in tensors.items()}, where)
     params: llama.Params = {"layers": [{} for _ in range(config.n_layers)]}
-    seen = set()
-    for name, tensor in named_tensors:
-        if name not in table:
-            # Tied checkpoints sometimes store the (identical) output weight anyway.
-            if name.endswith(_IGNORED_SUFFIXES) or (config.tie_embeddings and name == "lm_head.weight"):
-                continue
-            raise UserError(f"{where}: unexpected tensor {name!r}")
-        path, transposed = table[name]
-        ours = tuple(_get(shapes, path))
-        expected = ours[::-1] if transposed else ours
-        if tuple(tensor.shape) != expected:
-            raise UserError(f"{where}: tensor {name!r} has shape {list(tensor.shape)}, "
-                            f"expected {list(expected)} from the model config")
+    for name, (tree_path, transposed) in hf_name_table(config).items():
+        tensor = tensors[name].T if transposed else tensors[name]
+        _get(params, tree_path[:-1])[tree_path[-1]] = tensor.to(
+            device=device, dtype=dtype or tensor.dtype).contiguous()
+    return params
+
+
+def hf_tensors(config: llama.Config, params: llama.Params, dtype: torch.dtype | None = None,
+               whole: Callable[[torch.Tensor], torch.Tensor] | None = None,
+               ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, contiguous CPU tensor in HF layout) for every parameter, one at a time.
+
+    `whole` turns a leaf into a plain whole tensor first (`parallel.sharded.save_hf` gathers a
+    sharded one there); the generator holds one converted tensor at a time.
+    """
+    for name, (tree_path, transposed) in hf_name_table(config).items():
+        tensor = _get(params, tree_path).detach()
+        if whole is not None:
+            tensor = whole(tensor)
         if transposed:
             tensor = tensor.T
-        _get(params, path[:-1])[path[-1]] = tensor.to(device=device, dtype=dtype or tensor.dtype).contiguous()
-        seen.add(name)
-    missing = [name for name in table if name not in seen]
-    if missing:
-        raise UserError(f"{where}: missing tensor {missing[0]!r}"
-                        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    return params
+        yield name, tensor.to(device="cpu", dtype=dtype or tensor.dtype).contiguous()
 
 
 def state_dict_from_params(config: llama.Config, params: llama.Params,
                            dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """HF-named, contiguous CPU tensors from our params tree."""
-    out = {}
-    for name, (path, transposed) in hf_name_table(config).items():
-        tensor = _get(params, path).detach()
-        if transposed:
-            tensor = tensor.T
-        out[name] = tensor.to(device="cpu", dtype=dtype or tensor.dtype).contiguous()
-    return out
+    """HF-named, contiguous CPU tensors from our params tree (all at once: for `load_state_dict`)."""
+    return dict(hf_tensors(config, params, dtype))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,71 +225,179 @@ def _weight_files(path: Path) -> list[Path]:
             weight_map = config_lib.read_json(index).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise UserError(f"{index}: has no 'weight_map'")
-            files = [path / name for name in dict.fromkeys(weight_map.values())]
-            for f in files:
+            weight_files = [path / name for name in dict.fromkeys(weight_map.values())]
+            for f in weight_files:
                 if not f.is_file():
                     raise UserError(f"{index}: names shard {f.name!r}, which does not exist in {path}")
-            return files
+            return weight_files
         if (path / single).is_file():
             return [path / single]
     raise UserError(f"{path}: no weights found (expected {SAFETENSORS}, {SAFETENSORS_INDEX}, "
                     f"{PYTORCH_BIN} or {PYTORCH_BIN_INDEX})")
 
 
-def _read_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    try:
+def _weight_map(weight_files: list[Path]) -> dict[str, tuple[Path, safetensors_io.TensorInfo]]:
+    """HF tensor name -> (file, header info), from the safetensors headers alone (`.bin` files
+    have no header and are left out)."""
+    out = {}
+    for file in weight_files:
         if file.suffix == ".safetensors":
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
-        else:
-            # weights_only: never unpickle arbitrary objects; mmap: do not read the file twice.
-            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            if not isinstance(state, Mapping):
-                raise UserError(f"{file}: expected a mapping of tensors, found {type(state).__name__}")
-            yield from state.items()
-    except UserError:
-        raise
-    except Exception as e:  # safetensors/torch raise many types for truncated or corrupt files
+            for name, info in safetensors_io.read_header(file).items():
+                out[name] = (file, info)
+    return out
+
+
+def check_tensors(config: llama.Config, stored: Mapping[str, Sequence[int]], where: str,
+                  complete: bool = True) -> None:
+    """Raise UserError for the first stored tensor the model does not have or whose shape
+    differs from the config's, and (`complete`) the first model tensor missing from `stored`."""
+    table = hf_name_table(config)
+    for name, shape in stored.items():
+        if name not in table:
+            # Tied checkpoints sometimes store the (identical) output weight anyway.
+            if name.endswith(_IGNORED_SUFFIXES) or (config.tie_embeddings and name == "lm_head.weight"):
+                continue
+            raise UserError(f"{where}: unexpected tensor {name!r}")
+        expected = stored_shape(config, name)
+        if tuple(shape) != expected:
+            raise UserError(f"{where}: tensor {name!r} has shape {list(shape)}, "
+                            f"expected {list(expected)} from the model config")
+    if complete:
+        missing = [name for name in table if name not in stored]
+        if missing:
+            raise UserError(f"{where}: missing tensor {missing[0]!r}"
+                            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+
+
+def stored_shape(config: llama.Config, name: str) -> tuple[int, ...]:
+    """The shape HF stores tensor `name` in ([out, in] for Linear weights)."""
+    path, transposed = hf_name_table(config)[name]
+    ours = tuple(_get(llama.param_shapes(config), path))
+    return ours[::-1] if transposed else ours
+
+
+def _read_bin(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """A pytorch_model.bin's tensors. weights_only: never unpickle arbitrary objects; mmap: pages
+    are read as tensors are used. A .bin has no header, so it is opened whole, not by block."""
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises many types for truncated or corrupt files
         raise UserError(f"{file}: cannot read weights ({type(e).__name__}: {e})") from None
+    if not isinstance(state, Mapping):
+        raise UserError(f"{file}: expected a mapping of tensors, found {type(state).__name__}")
+    yield from state.items()
 
 
-def load(path: str | Path, dtype: torch.dtype | None = None,
-         device: torch.device | str = "cpu") -> tuple[llama.Config, llama.Params]:
-    """(config, params) from an HF LlamaForCausalLM directory (safetensors or .bin, sharded or not)."""
+# region(path of the parameter in our tree, its shape in our [in, out] layout) -> the block to read
+RegionFn = Callable[[str, tuple[int, ...]], tuple[slice, ...]]
+
+
+def load_config(path: str | Path) -> llama.Config:
+    """The model config of an HF LlamaForCausalLM directory (no weight is read)."""
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise UserError(f"{path}: not an HF model directory (no config.json)")
-    config = config_from_hf(config_lib.read_json(config_file), config_file)
-    files = _weight_files(path)
-    named_tensors = (item for file in tqdm(files, desc=f"loading {path.name}", unit="shard",
-                                           disable=len(files) == 1)
-                     for item in _read_tensors(file))
-    return config, _params_from_stream(config, named_tensors, str(path), dtype, device)
+    return config_from_hf(config_lib.read_json(config_file), config_file)
+
+
+def load(path: str | Path, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
+         region: RegionFn | None = None) -> tuple[llama.Config, llama.Params]:
+    """(config, params) from an HF LlamaForCausalLM directory (safetensors or .bin, sharded or not).
+
+    Tensors keep their stored dtype unless `dtype` is given. With `region`, each parameter is
+    only the block `region(path, shape)` of it, in our [in, out] layout (`parallel.sharded.
+    load_hf` passes each rank's block). safetensors files are read file by file and block by
+    block, transposing [out, in] -> [in, out] a few rows at a time: no whole tensor is assembled.
+    Every tensor's name and shape is checked against the config from the safetensors headers
+    before any weight is read.
+    """
+    path = Path(path)
+    config = load_config(path)
+    weight_files = _weight_files(path)
+    where = str(path)
+    headers = _weight_map(weight_files)
+    only_safetensors = all(f.suffix == ".safetensors" for f in weight_files)
+    check_tensors(config, {n: info.shape for n, (_, info) in headers.items()}, where,
+                  complete=only_safetensors)
+    table = hf_name_table(config)
+    params: llama.Params = {"layers": [{} for _ in range(config.n_layers)]}
+    seen = set()
+
+    def put(name: str, block: torch.Tensor) -> None:
+        tree_path = table[name][0]
+        _get(params, tree_path[:-1])[tree_path[-1]] = block
+        seen.add(name)
+
+    for file in tqdm(weight_files, desc=f"loading {path.name}", unit="file",
+                     disable=len(weight_files) == 1):
+        if file.suffix == ".safetensors":
+            for name, (in_file, info) in headers.items():
+                if in_file == file and name in table:
+                    put(name, _read_block(file, info, table[name], region, dtype, device))
+        else:
+            for name, tensor in _read_bin(file):
+                check_tensors(config, {name: tuple(tensor.shape)}, where, complete=False)
+                if name in table:
+                    put(name, _block_of(tensor, table[name], region, dtype, device))
+    check_tensors(config, {n: stored_shape(config, n) for n in seen}, where, complete=True)
+    return config, params
+
+
+def _our_region(ours: tuple[int, ...], tree_path: tuple, region: RegionFn | None) -> tuple[slice, ...]:
+    if region is None:
+        return tuple(slice(0, n) for n in ours)
+    return tuple(region(".".join(str(k) for k in tree_path), ours))
+
+
+_TRANSPOSE_CHUNK = 1 << 22  # elements read per chunk while transposing (16 MB of fp32)
+
+
+def _read_block(file: Path, info: safetensors_io.TensorInfo, entry: tuple[tuple, bool],
+                region: RegionFn | None, dtype: torch.dtype | None,
+                device: torch.device | str) -> torch.Tensor:
+    """Our block of one stored tensor. A transposed one is read a few stored rows at a time,
+    each chunk transposed into the result: the only extra memory is one chunk."""
+    tree_path, transposed = entry
+    block = _our_region(info.shape[::-1] if transposed else info.shape, tree_path, region)
+    out_dtype = dtype or info.dtype
+    if not transposed:
+        return safetensors_io.read(file, info, block).to(device=device, dtype=out_dtype)
+    cols, rows = block  # ours [in, out] is stored [out, in]: our columns are stored rows
+    out = torch.empty((cols.stop - cols.start, rows.stop - rows.start), dtype=out_dtype, device=device)
+    step = max(1, _TRANSPOSE_CHUNK // max(1, cols.stop - cols.start))
+    for r in range(rows.start, rows.stop, step):
+        r_end = min(r + step, rows.stop)
+        chunk = safetensors_io.read(file, info, (slice(r, r_end), cols))
+        hostcopy.assign(out[:, r - rows.start:r_end - rows.start], chunk.T)
+    return out
+
+
+def _block_of(tensor: torch.Tensor, entry: tuple[tuple, bool], region: RegionFn | None,
+              dtype: torch.dtype | None, device: torch.device | str) -> torch.Tensor:
+    tree_path, transposed = entry
+    if transposed:
+        tensor = tensor.T
+    block = _our_region(tuple(tensor.shape), tree_path, region)
+    return tensor[block].to(device=device, dtype=dtype or tensor.dtype).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------
 # Saving
 
 
-def _shards(tensors: Mapping[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+def _plan_files(infos: Mapping[str, safetensors_io.TensorInfo],
+                max_bytes: int) -> list[dict[str, safetensors_io.TensorInfo]]:
     """Consecutive groups of tensors, each under `max_bytes` unless one tensor alone is larger."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    groups: list[dict[str, safetensors_io.TensorInfo]] = [{}]
     size = 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append({})
+    for name, info in infos.items():
+        if groups[-1] and size + info.nbytes > max_bytes:
+            groups.append({})
             size = 0
-        shards[-1][name] = t
-        size += nbytes
-    return shards
-
-
-def _save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
-    save_file(tensors, str(path), metadata={"format": "pt"})
-    files.follow_umask(path)  # safetensors writes 0600
+        groups[-1][name] = info
+        size += info.nbytes
+    return groups
 
 
 def save(path: str | Path, config: llama.Config, params: llama.Params,
@@ -314,13 +406,26 @@ def save(path: str | Path, config: llama.Config, params: llama.Params,
          eos_token_id: int | list[int] | None = None) -> None:
     """Write an HF LlamaForCausalLM directory: config.json, generation_config.json, safetensors.
 
-    Sharded with `model.safetensors.index.json` above `max_shard_bytes`. The directory is built
-    under a temporary name beside `path` and renamed into place, so `path` is never half-written;
-    an existing `path` is replaced only once the new one is complete.
+    Sharded with `model.safetensors.index.json` above `max_shard_bytes`. Tensors are converted
+    and written one at a time. The directory is built under a temporary name beside `path` and
+    renamed into place, so `path` is never half-written; an existing `path` is replaced only
+    once the new one is complete.
     """
+    save_tensors(path, config, hf_tensors(config, params, dtype), dtype or params["embed"].dtype,
+                 max_shard_bytes, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
+
+
+def save_tensors(path: str | Path, config: llama.Config, tensors: Iterable[tuple[str, torch.Tensor]],
+                 dtype: torch.dtype, max_shard_bytes: int = 5 * 2**30, *,
+                 bos_token_id: int | None = None,
+                 eos_token_id: int | list[int] | None = None) -> None:
+    """`save` from a stream of (HF name, tensor in HF layout and `dtype`) in `hf_name_table`
+    order, as `hf_tensors` yields them: file headers are planned from the config, so each
+    tensor is written as it arrives and dropped (a sharded model is gathered one tensor at a
+    time by `parallel.sharded.save_hf`)."""
     path = Path(path)
-    tensors = state_dict_from_params(config, params, dtype)
-    dtype = dtype or tensors["model.embed_tokens.weight"].dtype
+    infos = {name: safetensors_io.TensorInfo(dtype, stored_shape(config, name))
+             for name in hf_name_table(config)}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = files.make_temp_dir(path.parent, prefix=f".{path.name}.", suffix=".partial")
     try:
@@ -330,17 +435,18 @@ def save(path: str | Path, config: llama.Config, params: llama.Params,
                       if v is not None}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
-        shards = _shards(tensors, max_shard_bytes)
-        if len(shards) == 1:
-            _save_safetensors(shards[0], tmp / SAFETENSORS)
-        else:
-            weight_map = {}
-            for i, shard in enumerate(tqdm(shards, desc=f"saving {path.name}", unit="shard"), 1):
-                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                _save_safetensors(shard, tmp / name)
-                weight_map.update(dict.fromkeys(shard, name))
-            total = sum(t.numel() * t.element_size() for t in tensors.values())
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        groups = _plan_files(infos, max_shard_bytes)
+        names = ([SAFETENSORS] if len(groups) == 1 else
+                 [f"model-{i:05d}-of-{len(groups):05d}.safetensors" for i in range(1, len(groups) + 1)])
+        stream = iter(tensors)
+        for name, file_infos in zip(tqdm(names, desc=f"saving {path.name}", unit="file",
+                                         disable=len(groups) == 1), groups):
+            safetensors_io.write(tmp / name, file_infos, itertools.islice(stream, len(file_infos)),
+                                 metadata={"format": "pt"})
+        if len(groups) > 1:
+            weight_map = {t: name for name, file_infos in zip(names, groups) for t in file_infos}
+            index = {"metadata": {"total_size": sum(i.nbytes for i in infos.values())},
+                     "weight_map": weight_map}
             (tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
         if path.exists():
@@ -355,5 +461,6 @@ def save(path: str | Path, config: llama.Config, params: llama.Params,
         raise
 
 
-__all__ = ["load", "save", "config_from_hf", "config_to_hf", "params_from_state_dict",
-           "state_dict_from_params", "hf_name_table"]
+__all__ = ["load", "load_config", "save", "save_tensors", "hf_tensors", "check_tensors",
+           "config_from_hf", "config_to_hf", "params_from_state_dict", "state_dict_from_params",
+           "hf_name_table", "stored_shape"]

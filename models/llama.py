@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from lib import config as config_lib
+from lib import rng
 from lib.constraints import constrain
 from lib.labels import IGNORE_INDEX
 from models import attention as attention_kernels
@@ -183,25 +184,40 @@ def param_axes(config: Config) -> Params:
     return axes
 
 
+INIT_STD = 0.02  # normal(0, 0.02) for every weight but the norm scales
+
+
+def init_param(path: str, shape: tuple[int, ...], seed: int, region: rng.Region | None = None,
+               dtype: torch.dtype = torch.float32,
+               device: torch.device | str = "cpu") -> torch.Tensor:
+    """Initial values of parameter `path` ("layers.3.wq") of `shape`, or of its `region` only.
+
+    Norm scales are ones; every other weight is normal(0, INIT_STD) drawn by `lib.rng.normal`
+    from a seed folded from (seed, path): any region is computed without the rest of the tensor,
+    and the full values do not depend on how a mesh cuts it (`parallel.sharded.init` creates
+    each rank's shards this way; `init` below is the same function over whole tensors).
+    """
+    region = rng.normalize_region(shape, region)
+    if path.rsplit(".", 1)[-1].endswith("norm"):
+        return torch.ones(tuple(s.stop - s.start for s in region), dtype=dtype, device=device)
+    return rng.normal(shape, rng.fold_in(seed, path), INIT_STD, region, dtype=dtype, device=device)
+
+
 def init(config: Config, seed: int = 0, dtype: torch.dtype = torch.float32,
          device: torch.device | str = "cpu") -> Params:
-    """Deterministic initialisation (normal, std 0.02; norms at one).
+    """Deterministic initialisation (`init_param` on every whole parameter).
 
     `device="meta"` returns shapes and dtypes without memory, like `jax.eval_shape`.
     """
-    generator = torch.Generator().manual_seed(seed)
-
-    def make(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    def make(path: str, shape: tuple[int, ...]) -> torch.Tensor:
         if str(device) == "meta":
             return torch.empty(shape, dtype=dtype, device="meta")
-        if name.endswith("norm"):
-            return torch.ones(shape, dtype=dtype, device=device)
-        w = torch.empty(shape, dtype=torch.float32).normal_(0.0, 0.02, generator=generator)
-        return w.to(device=device, dtype=dtype)
+        return init_param(path, shape, seed, dtype=dtype, device=device)
 
     shapes = param_shapes(config)
     params: Params = {k: make(k, v) for k, v in shapes.items() if k != "layers"}
-    params["layers"] = [{k: make(k, v) for k, v in layer.items()} for layer in shapes["layers"]]
+    params["layers"] = [{k: make(f"layers.{i}.{k}", v) for k, v in layer.items()}
+                        for i, layer in enumerate(shapes["layers"])]
     return params
 
 

@@ -116,19 +116,57 @@ def _check_divisible(path: str, shape: Sequence[int], axes: Sequence[str | None]
                             f"mesh axes {list(split)} (total {parts})")
 
 
+def check_shardable(tree: Any, axes_tree: Any, rules: Rules, mesh: Mesh) -> None:
+    """Raise UserError for the first leaf of `tree` (tensors, meta tensors or shapes) that has no
+    logical axes, or a dim the mesh does not divide: parameter, dim, size and mesh axes named.
+
+    Needs only shapes, so callers run it before allocating anything."""
+    flat = pytree.flatten_by_path(tree, is_leaf=is_shape)
+    flat_axes = pytree.flatten_by_path(axes_tree, is_leaf=pytree.is_axes)
+    missing = sorted(flat.keys() - flat_axes.keys())
+    if missing:
+        raise UserError(f"parameter {missing[0]!r} has no logical axes in the axes tree")
+    for path, leaf in flat.items():
+        _check_divisible(path, tuple(leaf) if is_shape(leaf) else tuple(leaf.shape), flat_axes[path],
+                         rules, mesh)
+
+
+def is_shape(x: Any) -> bool:
+    """Leaves of a shape tree (`models.llama.param_shapes`) are tuples of ints."""
+    return isinstance(x, tuple) and all(isinstance(n, int) for n in x)
+
+
+def local_region(shape: Sequence[int], axes: Sequence[str | None], rules: Rules,
+                 mesh: Mesh) -> tuple[slice, ...]:
+    """The block of a tensor of global `shape` (with logical `axes`) that this rank holds."""
+    if mesh.device_mesh is None:
+        return tuple(slice(0, n) for n in shape)
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    local, offset = compute_local_shape_and_global_offset(tuple(shape), mesh.device_mesh,
+                                                          spec_for(axes, rules, mesh))
+    return tuple(slice(o, o + n) for o, n in zip(offset, local))
+
+
+def from_local(local: torch.Tensor, shape: Sequence[int], axes: Sequence[str | None], rules: Rules,
+               mesh: Mesh) -> torch.Tensor:
+    """This rank's block (`local_region`) of a tensor of global `shape`, as a DTensor (no copy,
+    no communication); the tensor itself when there is no mesh."""
+    if mesh.device_mesh is None:
+        return local
+    shape = torch.Size(shape)
+    stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+    return DTensor.from_local(local, mesh.device_mesh, spec_for(axes, rules, mesh), run_check=False,
+                              shape=shape, stride=stride)
+
+
 def shard_params(params: Any, axes_tree: Any, rules: Rules, mesh: Mesh) -> Any:
     """Place every leaf as a DTensor split by its logical axes (plain tensors without a mesh).
 
-    Every rank must pass the same full values (e.g. `init` with the same seed); each keeps its
-    shard. Raises UserError naming the parameter for a missing axis rule or an indivisible dim.
+    Every rank must pass the same full values; each keeps its shard. For models too large to
+    hold whole on every rank, `parallel.sharded` creates and loads the shards directly. Raises
+    UserError naming the parameter for a missing axis rule or an indivisible dim.
     """
-    flat_params = pytree.flatten_by_path(params)
-    flat_axes = pytree.flatten_by_path(axes_tree, is_leaf=pytree.is_axes)
-    missing = sorted(flat_params.keys() - flat_axes.keys())
-    if missing:
-        raise UserError(f"parameter {missing[0]!r} has no logical axes in the axes tree")
-    for path, p in flat_params.items():
-        _check_divisible(path, p.shape, flat_axes[path], rules, mesh)
+    check_shardable(params, axes_tree, rules, mesh)
 
     def place(p: torch.Tensor, axes: tuple) -> torch.Tensor:
         if mesh.device_mesh is None:

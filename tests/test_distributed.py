@@ -5,13 +5,10 @@ several meshes so that each compiled graph is paid for once. Tolerances (fp32): 
 gradients within 1e-5, parameters after three AdamW steps within 1e-5.
 """
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from tests.launch import spawn_ranks
 
 WORKER = Path(__file__).resolve().parent / "dist_worker.py"
 TOL = 1e-5
@@ -19,32 +16,9 @@ TOL = 1e-5
 pytestmark = pytest.mark.distributed
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def spawn(world_size: int, cases: list[str], tmp_path: Path, cache_dir: Path, timeout: int = 420) -> dict:
     out = tmp_path / "result.json"
-    port = _free_port()
-    procs = []
-    for rank in range(world_size):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-                   TORCH_DEVICE_BACKEND_AUTOLOAD="0")
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(out), str(cache_dir), *cases],
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=timeout)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    failed = [i for i, p in enumerate(procs) if p.returncode != 0]
-    assert not failed, f"rank {failed[0]} failed:\n{logs[failed[0]][-6000:]}"
+    spawn_ranks(WORKER, world_size, [str(out), str(cache_dir), *cases], timeout=timeout)
     return json.loads(out.read_text())
 
 

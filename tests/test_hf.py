@@ -224,15 +224,15 @@ def test_save_replaces_atomically_and_leaves_no_partial_dir(tmp_path, monkeypatc
     _, reloaded = hf.load(tmp_path / "m")
     torch.testing.assert_close(reloaded["embed"], new["embed"], atol=0, rtol=0)
 
-    real_save_file, calls = hf.save_file, []
+    real_write, calls = hf.safetensors_io.write, []
 
     def disk_full_on_second_shard(*args, **kwargs):
         calls.append(args)
         if len(calls) == 2:
             raise OSError("No space left on device")
-        real_save_file(*args, **kwargs)
+        real_write(*args, **kwargs)
 
-    monkeypatch.setattr(hf, "save_file", disk_full_on_second_shard)
+    monkeypatch.setattr(hf.safetensors_io, "write", disk_full_on_second_shard)
     with pytest.raises(OSError):
         hf.save(tmp_path / "m", TINY, old, max_shard_bytes=200_000)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]

@@ -1,0 +1,116 @@
+"""Parameters created, loaded and saved shard by shard: no rank ever holds the whole model.
+
+    abstract = llama.init(config, device="meta")                    # shapes and dtypes, no memory
+    params = sharded.init(config, seed, rules, mesh)                 # random init, own shards only
+    target = sharded.empty(abstract, axes, rules, mesh)              # restore target (orbax reads into it)
+    config, params = sharded.load_hf(path, rules, mesh)              # reads only this rank's slices
+    sharded.save_hf(path, config, params)                            # gathered tensor by tensor
+
+Every function checks that the mesh divides every dimension before allocating anything. Each
+rank materialises only the block of every tensor it owns (`sharding.local_region`) and wraps
+it as a DTensor without communication; with one process the blocks are whole tensors. The
+values never depend on the mesh: `init` draws each block from `models.llama.init_param`, whose
+tiles are seeded per (seed, parameter, tile) (`lib.rng`), so the same seed gives the same full
+model on 1 rank or 64; `load_hf` reads exactly the bytes of its block from each safetensors
+file (`models.hf.load`). Optimizer moments and master weights are made from these params by
+`train_step.init_state`, shard by shard as well.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from lib import pytree, rng
+from models import hf, llama
+from parallel import sharding
+from parallel.mesh import Mesh
+
+# make_local(path, global shape, region, dtype) -> this rank's block of that tensor
+MakeLocal = Callable[[str, tuple[int, ...], rng.Region, torch.dtype], torch.Tensor]
+
+
+def build(abstract: Any, axes: Any, rules: sharding.Rules, mesh: Mesh, make_local: MakeLocal) -> Any:
+    """A tree like `abstract` (meta tensors) whose leaves are DTensors built from the blocks
+    `make_local` returns for this rank (plain tensors without a mesh)."""
+    sharding.check_shardable(abstract, axes, rules, mesh)
+
+    def make(path: str, leaf: torch.Tensor, leaf_axes: tuple) -> torch.Tensor:
+        shape = tuple(leaf.shape)
+        region = sharding.local_region(shape, leaf_axes, rules, mesh)
+        local = make_local(path, shape, region, leaf.dtype)
+        expected = tuple(s.stop - s.start for s in region)
+        if tuple(local.shape) != expected:
+            raise AssertionError(f"{path}: block of shape {tuple(local.shape)}, expected {expected}")
+        return sharding.from_local(local, shape, leaf_axes, rules, mesh)
+
+    return pytree.map_with_path(make, abstract, axes)
+
+
+def init(config: llama.Config, seed: int, rules: sharding.Rules, mesh: Mesh,
+         dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> llama.Params:
+    """`llama.init(config, seed)`, each rank creating only its blocks (equal values, bit for bit)."""
+    def make_local(path, shape, region, _):
+        return llama.init_param(path, shape, seed, region, dtype=dtype, device=device)
+    return build(llama.init(config, dtype=dtype, device="meta"), llama.param_axes(config), rules,
+                 mesh, make_local)
+
+
+def empty(abstract: Any, axes: Any, rules: sharding.Rules, mesh: Mesh,
+          device: torch.device | str = "cpu") -> Any:
+    """Uninitialised tensors placed like `abstract` and `axes`: a target to restore a checkpoint
+    into (`lib.checkpoint` reads each rank's blocks straight into them)."""
+    def make_local(path, shape, region, dtype):
+        return torch.empty(tuple(s.stop - s.start for s in region), dtype=dtype, device=device)
+    return build(abstract, axes, rules, mesh, make_local)
+
+
+def load_hf(path: str | Path, rules: sharding.Rules, mesh: Mesh, dtype: torch.dtype | None = None,
+            device: torch.device | str = "cpu") -> tuple[llama.Config, llama.Params]:
+    """(config, params) of an HF directory, each rank reading only its blocks.
+
+    Before reading any weight: the config, the mesh against every dimension, and every tensor's
+    name and shape in the safetensors headers are checked (first mismatch named).
+    """
+    config = hf.load_config(path)
+    axes = llama.param_axes(config)
+    sharding.check_shardable(llama.param_shapes(config), axes, rules, mesh)
+    flat_axes = pytree.flatten_by_path(axes, is_leaf=pytree.is_axes)
+    _, blocks = hf.load(path, dtype=dtype, device=device,
+                        region=lambda p, shape: sharding.local_region(shape, flat_axes[p], rules, mesh))
+    params = pytree.map_with_path(
+        lambda p, block, leaf_axes: sharding.from_local(block, _global_shape(config, p), leaf_axes,
+                                                        rules, mesh),
+        blocks, axes)
+    return config, params
+
+
+def _global_shape(config: llama.Config, path: str) -> tuple[int, ...]:
+    return pytree.flatten_by_path(llama.param_shapes(config), is_leaf=sharding.is_shape)[path]
+
+
+def save_hf(path: str | Path, config: llama.Config, params: llama.Params,
+            dtype: torch.dtype | None = None, **save_kw) -> None:
+    """`hf.save` of a sharded tree, called by every rank: tensors are gathered one at a time
+    (every rank takes part; rank 0 writes each into its safetensors file as it arrives), so no
+    rank holds more than one whole tensor beside its shards."""
+    def whole(t: torch.Tensor) -> torch.Tensor:
+        return t.full_tensor() if isinstance(t, DTensor) else t
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    tensors = hf.hf_tensors(config, params, dtype, whole=whole)
+    if rank == 0:
+        hf.save_tensors(path, config, tensors, dtype or _leaf_dtype(params), **save_kw)
+    else:
+        for _ in tensors:  # the gathers are collectives: every rank runs them, in the same order
+            pass
+    if dist.is_initialized():
+        dist.barrier()  # nobody reads the directory before rank 0 has renamed it into place
+
+
+def _leaf_dtype(params: llama.Params) -> torch.dtype:
+    return params["embed"].dtype
