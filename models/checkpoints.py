@@ -29,6 +29,8 @@ run's. Errors (`UserError`) name the path and, for weights that do not fit, the 
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +183,64 @@ def _load_native(path: Path, dtype: torch.dtype, device, expected: llama.Config 
         trained = reader.read(_empty(shapes, dtype, device), prefix)
     params, adapters = lora.combine(trained, params)
     return model, params, lora_cfg, adapters
+
+
+# stream_native reads this many bytes of tensors at a time (at least one tensor).
+STREAM_GROUP_BYTES = 1 << 30
+
+
+def stream_native(path: str | Path, *, dtype: torch.dtype = torch.float32,
+                  config: llama.Config | None = None, group_bytes: int | None = None,
+                  ) -> tuple[llama.Config, Iterator[tuple[str, torch.Tensor]]] | None:
+    """(config, (HF name, tensor in HF layout and `dtype`)) of a native checkpoint, read a group
+    of tensors at a time (`STREAM_GROUP_BYTES`), in `hf.hf_name_table` order, for
+    `hf.save_tensors`: converting a 70B checkpoint holds one group in memory, not the model.
+    The weights are those `load_pretrained` gives (fp32 master weights when saved). None for a
+    LoRA run's checkpoint, whose adapters merge into a base model (`load_pretrained`)."""
+    with ckpt_lib.Reader(path) as reader:
+        extra = reader.extra()
+        if recorded_run_config(extra).get("lora") is not None:
+            return None
+        model = recorded_model(extra, reader.where) or config
+        if model is None:
+            raise UserError(f"checkpoint {reader.where} records no model config; give the model "
+                            "config it was written for (e.g. --model PRESET)")
+        _check_agrees(model, config, path)
+        prefix = _trained_prefix(reader.shapes())
+    return model, _stream_groups(Path(path), model, dtype, prefix, group_bytes or STREAM_GROUP_BYTES)
+
+
+def _stream_groups(path: Path, model: llama.Config, dtype: torch.dtype, prefix: str,
+                   group_bytes: int) -> Iterator[tuple[str, torch.Tensor]]:
+    table = hf.hf_name_table(model)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name in table:
+        nbytes = math.prod(hf.stored_shape(model, name)) * itemsize
+        if groups[-1] and size + nbytes > group_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    with ckpt_lib.Reader(path) as reader:
+        for group in groups:
+            # A partial target ({"layers": {"3": {"wq": ...}}}) has the saved tree's keys.
+            target: dict = {}
+            for name in group:
+                tree_path, transposed = table[name]
+                node = target
+                for key in tree_path[:-1]:
+                    node = node.setdefault(str(key), {})
+                shape = hf.stored_shape(model, name)
+                node[tree_path[-1]] = torch.empty(shape[::-1] if transposed else shape, dtype=dtype)
+            filled = reader.read(target, prefix)
+            for name in group:
+                tree_path, transposed = table[name]
+                tensor = filled
+                for key in tree_path:
+                    tensor = tensor[str(key)]
+                yield name, tensor.T.contiguous() if transposed else tensor
 
 
 def find_tokenizer(path: str | Path, adapter: str | Path | None = None) -> str | None:

@@ -63,12 +63,20 @@ def native_to_hf(input_dir: Path, output_dir: Path, dtype: torch.dtype | None, m
                         "model directory already)")
     _check_output_free(output_dir)
     expected = config_lib.from_dict(llama.Config, model, "--model") if model is not None else None
+    target_dtype = dtype or torch.float32
+    streamed = checkpoints.stream_native(input_dir, dtype=target_dtype, config=expected)
+    if streamed is not None:
+        # Read a group of tensors at a time and write each as it comes: never the whole model.
+        config, tensors = streamed
+        hf.save_tensors(output_dir, config, tensors, target_dtype)
+        print(f"wrote HF model {output_dir} from native checkpoint {input_dir}")
+        return
+    # A LoRA run's checkpoint: its adapters merge into the base model, read whole.
     config, params, lora_cfg = checkpoints.load_pretrained(
-        input_dir, dtype=dtype or torch.float32, merge_adapter=True, config=expected)
+        input_dir, dtype=target_dtype, merge_adapter=True, config=expected)
     hf.save(output_dir, config, params, dtype=dtype)
-    merged = (f" (its LoRA adapters, r={lora_cfg.r}, merged into the base model it was trained on)"
-              if lora_cfg is not None else "")
-    print(f"wrote HF model {output_dir} from native checkpoint {input_dir}{merged}")
+    print(f"wrote HF model {output_dir} from native checkpoint {input_dir} (its LoRA adapters, "
+          f"r={lora_cfg.r}, merged into the base model it was trained on)")
 
 
 def _read_model(kind: str, path: Path, dtype: torch.dtype | None,

@@ -16,13 +16,19 @@ def run(argv) -> int:
     return exit_info.value.code
 
 
-def test_hf_native_hf_round_trip_is_exact(tmp_path, capsys):
+def test_hf_native_hf_round_trip_is_exact(tmp_path, capsys, monkeypatch):
     import transformers
 
     model = random_hf_model(CONFIG, seed=0)
     model.save_pretrained(tmp_path / "hf")  # written by transformers, not by models.hf
     assert run(["hf-to-native", "--input", tmp_path / "hf", "--output", tmp_path / "native"]) == 0
+    # native-to-hf reads the checkpoint a group of tensors at a time, never the whole model.
+    reads, real_read = [], convert.checkpoint.Reader.read
+    monkeypatch.setattr(convert.checkpoints, "STREAM_GROUP_BYTES", 100_000)
+    monkeypatch.setattr(convert.checkpoint.Reader, "read",
+                        lambda self, target, prefix: reads.append(target) or real_read(self, target, prefix))
     assert run(["native-to-hf", "--input", tmp_path / "native", "--output", tmp_path / "back"]) == 0
+    assert len(reads) > 3
 
     original = load_file(tmp_path / "hf" / "model.safetensors")
     back = load_file(tmp_path / "back" / "model.safetensors")
