@@ -333,6 +333,9 @@ def transformer_layer(p: Params, x: torch.Tensor, cos, sin, segment_ids, config:
                       kernels: Kernels) -> torch.Tensor:
     q, k, v = qkv(p, kernels.rms_norm(x, p["attn_norm"], config.norm_eps), cos, sin, config, kernels)
     h = x + attention_out(p, kernels.attention(q, k, v, segment_ids=segment_ids))
+    # Pinned like the layer's input: the residual stream stays split by batch only (without it,
+    # DTensor carried the attention output's partial sums into the MLP's matmuls).
+    h = constrain(h, ("batch", "seq", "embed"))
     out = h + mlp_block(p, kernels.rms_norm(h, p["mlp_norm"], config.norm_eps), kernels)
     return constrain(out, ("batch", "seq", "embed"))
 

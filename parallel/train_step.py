@@ -127,6 +127,30 @@ def apply_remat(mode: str, kernels: llama.Kernels) -> tuple[Callable | None, lla
     raise UserError(f"remat={mode!r} is not one of none, full, selective")
 
 
+def layer_hook(remat: Callable | None, rules: sharding.Rules, mesh: Mesh) -> Callable | None:
+    """The model's per-layer hook (`remat=`): on a sharded mesh each layer first gathers its
+    weights over the data-parallel axes (`sharding.gather_for_compute`), inside the recompute
+    when there is one, so that full recompute gathers again in the backward instead of keeping
+    the gathered weights (FSDP's reshard-after-forward)."""
+    if mesh.device_mesh is None:
+        return remat
+
+    def hook(layer_fn: Callable) -> Callable:
+        def gathered(p, *args, **kwargs):
+            return layer_fn(sharding.gather_for_compute(p, rules, mesh), *args, **kwargs)
+        return remat(gathered) if remat is not None else gathered
+    return hook
+
+
+def gather_outside_layers(params: Any, rules: sharding.Rules, mesh: Mesh) -> Any:
+    """`params` with the weights used outside the layers (embeddings, final norm, output head)
+    gathered for compute; the layers gather their own in `layer_hook`."""
+    if mesh.device_mesh is None or not isinstance(params, dict) or "layers" not in params:
+        return params
+    return {k: v if k == "layers" else sharding.gather_for_compute(v, rules, mesh)
+            for k, v in params.items()}
+
+
 # ---------------------------------------------------------------------------------------------
 # State
 
@@ -217,6 +241,7 @@ def build_train_step(model_cfg: llama.Config, optim_cfg: optim.OptimizerConfig,
     masks are a function of (seed, step): a resumed run draws what an uninterrupted one would.
     """
     remat, kernels = apply_remat(step_cfg.remat, kernels or kernels_lib.kernels_for(None, mesh=mesh))
+    remat = layer_hook(remat, rules, mesh)
     forward = forward or llama.model_forward(model_cfg)
 
     def step_fn(state: State, micro_batches: list[Batch]) -> tuple[State, dict]:
@@ -231,8 +256,9 @@ def build_train_step(model_cfg: llama.Config, optim_cfg: optim.OptimizerConfig,
             # Each micro-batch's token sum over the global token count: the accumulated gradient
             # equals that of the whole batch's mean loss, whatever the padding per micro-batch.
             def scaled_loss(p: Any, mb: Batch = mb, key: torch.Tensor = prng.fold_in(step_key, i)):
-                token_sum = llama.batch_loss(forward, p, mb, reduction="sum", kernels=kernels,
-                                             remat=remat, training=True, key=key)
+                token_sum = llama.batch_loss(forward, gather_outside_layers(p, rules, mesh), mb,
+                                             reduction="sum", kernels=kernels, remat=remat,
+                                             training=True, key=key)
                 return token_sum * (scale / n_tokens)
             g, l = torch.func.grad_and_value(scaled_loss)(params)
             grads = g if grads is None else pytree.tree_map(torch.add, grads, g)
@@ -259,9 +285,12 @@ def build_eval_step(model_cfg: llama.Config, step_cfg: TrainStepConfig, mesh: Me
     kernels = kernels or kernels_lib.kernels_for(None, mesh=mesh)
     forward = forward or llama.model_forward(model_cfg)
 
+    remat = layer_hook(None, rules, mesh)
+
     def eval_fn(params: Any, batch: Batch) -> torch.Tensor:
         with torch.no_grad():
-            loss = llama.batch_loss(forward, params, batch, kernels=kernels, training=False)
+            loss = llama.batch_loss(forward, gather_outside_layers(params, rules, mesh), batch,
+                                    kernels=kernels, remat=remat, training=False)
             return pytree.full_tensor(loss)
 
     compiled = jit_lib.jit(eval_fn, backend if step_cfg.compile else None,
