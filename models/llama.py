@@ -457,7 +457,8 @@ def cached_transformer_layer(p: Params, kv: dict[str, torch.Tensor], x: torch.Te
     # Written in place: the caller donates the cache, as jax.jit(donate_argnums=...) would.
     keys = kv["k"].index_copy_(1, slots, k.to(kv["k"].dtype))
     values = kv["v"].index_copy_(1, slots, v.to(kv["v"].dtype))
-    h = x + attention_out(p, kernels.attention(q, keys.to(q.dtype), values.to(q.dtype), mask=mask))
+    h = constrain(x + attention_out(p, kernels.attention(q, keys.to(q.dtype), values.to(q.dtype), mask=mask)),
+                  ("batch", "seq", "embed"))  # as in transformer_layer
     out = h + mlp_block(p, kernels.rms_norm(h, p["mlp_norm"], config.norm_eps), kernels)
     return constrain(out, ("batch", "seq", "embed"))
 
