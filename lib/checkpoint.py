@@ -764,11 +764,28 @@ class Checkpointer:
             return self._restore_step(reader._manager, reader.step, reader.where, target, flat_target,
                                       self.cfg.finetune)
 
-    def _restore_step(self, manager, step: int, where: Path, target: Any, flat_target: dict,
-                      params_only: bool) -> tuple[Any, dict]:
+    def check(self, target: Any) -> None:
+        """Raise UserError naming the first tensor that `restore(target)` would find missing or of
+        another shape, from the checkpoint's metadata alone. `target` may hold meta tensors (the
+        abstract state), so a run refuses a checkpoint before it allocates anything."""
+        flat_target = _tensor_leaves(target)
+        if self.latest_step() is not None:
+            step = self.latest_step()
+            self._check_step(self._manager, step, Path(self.cfg.dir) / str(step), flat_target, False)
+        elif self.cfg.load:
+            with Reader(self.cfg.load) as reader:
+                self._check_step(reader._manager, reader.step, reader.where, flat_target, self.cfg.finetune)
+
+    @staticmethod
+    def _check_step(manager, step: int, where: Path, flat_target: dict, params_only: bool) -> dict:
         wanted = {k: v for k, v in flat_target.items() if not params_only or k.split(".")[0] == "params"}
         _check_shapes_everywhere(_saved_metadata(manager, step, where), where, wanted,
                                  exact=not params_only)
+        return wanted
+
+    def _restore_step(self, manager, step: int, where: Path, target: Any, flat_target: dict,
+                      params_only: bool) -> tuple[Any, dict]:
+        wanted = self._check_step(manager, step, where, flat_target, params_only)
         # partial: each rank reads its own keys (pipeline stages want different ones); the
         # check above makes sure the ranks together want every saved key.
         filled, extra = _restore_into(manager, step, where, wanted, partial=True, with_extra=True)

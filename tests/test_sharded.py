@@ -220,3 +220,23 @@ def test_four_ranks_fsdp_x_tensor_build_the_single_process_model(hf_dir, tmp_pat
     results = _spawn(4, ["fsdp=2,tensor=2"], hf_dir, tmp_path)
     _check(results, 4)
     assert results["fsdp=2,tensor=2"]["placements"] == "(Shard(dim=0), Shard(dim=1))"
+
+
+def test_a_native_checkpoint_of_another_shape_is_refused_from_its_metadata(tmp_path):
+    import dataclasses
+
+    from lib import checkpoint as ckpt_lib
+    saver = ckpt_lib.Checkpointer(ckpt_lib.CheckpointConfig(dir=str(tmp_path / "ckpt"), async_save=False))
+    try:
+        saver.save(1, {"params": llama.init(MODEL, seed=0)}, force=True)
+    finally:
+        saver.close()
+    reader = ckpt_lib.Checkpointer(ckpt_lib.CheckpointConfig(load=str(tmp_path / "ckpt"), finetune=True))
+    try:
+        reader.check({"params": llama.init(MODEL, device="meta")})  # the same model: no error
+        wider = dataclasses.replace(MODEL, ffn_dim=MODEL.ffn_dim * 2)
+        with pytest.raises(UserError, match=r"'params\.layers\.0\.w_down' has shape \(864, 320\), the model "
+                                            r"expects \(1728, 320\)"):
+            reader.check({"params": llama.init(wider, device="meta")})  # meta: nothing allocated
+    finally:
+        reader.close()
