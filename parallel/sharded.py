@@ -52,12 +52,18 @@ def build(abstract: Any, axes: Any, rules: sharding.Rules, mesh: Mesh, make_loca
 
 
 def init(config: llama.Config, seed: int, rules: sharding.Rules, mesh: Mesh,
-         dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> llama.Params:
-    """`llama.init(config, seed)`, each rank creating only its blocks (equal values, bit for bit)."""
+         dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+         select: Callable[[Any], Any] | None = None) -> llama.Params:
+    """`llama.init(config, seed)`, each rank creating only its blocks (equal values, bit for bit).
+
+    `select` picks the part of the model this rank holds (a pipeline stage's:
+    `lambda tree: pipeline.select(tree, layout, stages)`); parameters keep their paths, and so
+    their values."""
     def make_local(path, shape, region, _):
         return llama.init_param(path, shape, seed, region, dtype=dtype, device=device)
-    return build(llama.init(config, dtype=dtype, device="meta"), llama.param_axes(config), rules,
-                 mesh, make_local)
+    select = select or (lambda tree: tree)
+    return build(select(llama.init(config, dtype=dtype, device="meta")), select(llama.param_axes(config)),
+                 rules, mesh, make_local)
 
 
 def empty(abstract: Any, axes: Any, rules: sharding.Rules, mesh: Mesh,
@@ -80,17 +86,13 @@ def load_hf(path: str | Path, rules: sharding.Rules, mesh: Mesh, dtype: torch.dt
     axes = llama.param_axes(config)
     sharding.check_shardable(llama.param_shapes(config), axes, rules, mesh)
     flat_axes = pytree.flatten_by_path(axes, is_leaf=pytree.is_axes)
+    shapes = pytree.flatten_by_path(llama.param_shapes(config), is_leaf=sharding.is_shape)
     _, blocks = hf.load(path, dtype=dtype, device=device,
                         region=lambda p, shape: sharding.local_region(shape, flat_axes[p], rules, mesh))
     params = pytree.map_with_path(
-        lambda p, block, leaf_axes: sharding.from_local(block, _global_shape(config, p), leaf_axes,
-                                                        rules, mesh),
+        lambda p, block, leaf_axes: sharding.from_local(block, shapes[p], leaf_axes, rules, mesh),
         blocks, axes)
     return config, params
-
-
-def _global_shape(config: llama.Config, path: str) -> tuple[int, ...]:
-    return pytree.flatten_by_path(llama.param_shapes(config), is_leaf=sharding.is_shape)[path]
 
 
 def save_hf(path: str | Path, config: llama.Config, params: llama.Params,
@@ -104,13 +106,9 @@ def save_hf(path: str | Path, config: llama.Config, params: llama.Params,
     rank = dist.get_rank() if dist.is_initialized() else 0
     tensors = hf.hf_tensors(config, params, dtype, whole=whole)
     if rank == 0:
-        hf.save_tensors(path, config, tensors, dtype or _leaf_dtype(params), **save_kw)
+        hf.save_tensors(path, config, tensors, dtype or params["embed"].dtype, **save_kw)
     else:
         for _ in tensors:  # the gathers are collectives: every rank runs them, in the same order
             pass
     if dist.is_initialized():
         dist.barrier()  # nobody reads the directory before rank 0 has renamed it into place
-
-
-def _leaf_dtype(params: llama.Params) -> torch.dtype:
-    return params["embed"].dtype

@@ -240,3 +240,15 @@ def test_a_native_checkpoint_of_another_shape_is_refused_from_its_metadata(tmp_p
             reader.check({"params": llama.init(wider, device="meta")})  # meta: nothing allocated
     finally:
         reader.close()
+
+
+def test_a_pipeline_stage_creates_only_its_layers_with_the_same_values():
+    from parallel import pipeline
+    config = llama.Config(vocab_size=100, dim=32, n_layers=4, n_heads=4, ffn_dim=64)
+    mesh = build_mesh(MeshConfig(fsdp=1))
+    layout = pipeline.layout(pipeline.PipelineConfig(), config.n_layers, pipe=2)
+    last = sharded.init(config, 5, sharding.load_rules(mesh=mesh), mesh,
+                        select=lambda tree: pipeline.select(tree, layout, [1]))
+    full = llama.init(config, 5)
+    assert sorted(last["layers"]) == [2, 3] and "embed" not in last and "lm_head" in last
+    assert torch.equal(last["layers"][3]["w_up"], full["layers"][3]["w_up"])
