@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_distributed import _free_port
+from tests.launch import free_port
 
 WORKER = Path(__file__).resolve().parent / "decode_worker.py"
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.distributed
 
 
 def test_tensor_and_data_parallel_decoding_picks_the_tokens_of_one_process(tmp_path):
-    out, port, world = tmp_path / "tokens.json", _free_port(), 2
+    out, port, world = tmp_path / "tokens.json", free_port(), 2
     procs = []
     for rank in range(world):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
