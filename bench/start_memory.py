@@ -14,7 +14,8 @@ before the phase (interpreter, torch and the process group are not counted):
          (`parallel.sharded.load_hf`): each rank reads only its slices
 
 Target (issue 11): peak <= 1.2 x (bytes the phase creates / ranks) + the largest single tensor.
-The HF directory is written once under --workdir (streamed, one tensor in memory at a time).
+The HF directory is written once under --workdir (streamed, one tensor in memory at a time;
+2.2 GB of bf16 for the 1b shape). Memory: the 1-rank `state` phase of the 1b shape needs ~16 GB.
 Do not run it on a busy machine for numbers: the lead records them on a quiet one.
 """
 from __future__ import annotations
