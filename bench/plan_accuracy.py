@@ -66,7 +66,7 @@ def worker(name: str, out: str, cache: str) -> None:
     rules = sharding.load_rules(mesh=mesh)
     step_cfg = train_step.TrainStepConfig(compile=True, **step_kw)
     opt = optim.OptimizerConfig()
-    state = train_step.init_state(sharded.init(model, 0, rules, mesh), opt, step_cfg)
+    state = train_step.init_state(sharded.init(model, 0, rules, mesh), step_cfg)
     step = train_step.build_train_step(model, opt, step_cfg, mesh, rules,
                                        kernels=llama.Kernels(attention=attention.reference),
                                        cache_dir=cache)

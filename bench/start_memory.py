@@ -66,7 +66,7 @@ def worker(phase: str, shape: str, hf_dir: str, out: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from lib import optim, pytree
+    from lib import pytree
     from models import llama
     from parallel import sharded, sharding
     from parallel.mesh import MeshConfig, build_mesh
@@ -91,7 +91,7 @@ def worker(phase: str, shape: str, hf_dir: str, out: str) -> None:
         params = sharded.init(config, 0, rules, mesh)
         tree = params
         if phase == "state":
-            tree = init_state(params, optim.OptimizerConfig(), TrainStepConfig(dtype="bf16"))
+            tree = init_state(params, TrainStepConfig(dtype="bf16"))
             del params
     seconds = time.perf_counter() - start
     local = sum((x.to_local() if hasattr(x, "to_local") else x).numel() * x.element_size()

@@ -288,8 +288,9 @@ def _read_bin(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
     yield from state.items()
 
 
-# region(path of the parameter in our tree, its shape in our [in, out] layout) -> the block to read
-RegionFn = Callable[[str, tuple[int, ...]], tuple[slice, ...]]
+# region(path of the parameter in our tree, its shape in our [in, out] layout) -> the block to
+# read, or None to leave that parameter out
+RegionFn = Callable[[str, tuple[int, ...]], tuple[slice, ...] | None]
 
 
 def load_config(path: str | Path) -> llama.Config:
@@ -306,8 +307,8 @@ def load(path: str | Path, dtype: torch.dtype | None = None, device: torch.devic
     """(config, params) from an HF LlamaForCausalLM directory (safetensors or .bin, sharded or not).
 
     Tensors keep their stored dtype unless `dtype` is given. With `region`, each parameter is
-    only the block `region(path, shape)` of it, in our [in, out] layout (`parallel.sharded.
-    load_hf` passes each rank's block). safetensors files are read file by file and block by
+    only the block `region(path, shape)` of it, in our [in, out] layout, and left out where that
+    is None (`parallel.sharded.load_hf` passes each rank's blocks of its pipeline stage). safetensors files are read file by file and block by
     block, transposing [out, in] -> [in, out] a few rows at a time: no whole tensor is assembled.
     Every tensor's name and shape is checked against the config from the safetensors headers
     before any weight is read.
@@ -324,9 +325,10 @@ def load(path: str | Path, dtype: torch.dtype | None = None, device: torch.devic
     params: llama.Params = {"layers": [{} for _ in range(config.n_layers)]}
     seen = set()
 
-    def put(name: str, block: torch.Tensor) -> None:
+    def put(name: str, block: torch.Tensor | None) -> None:
         tree_path = table[name][0]
-        _get(params, tree_path[:-1])[tree_path[-1]] = block
+        if block is not None:
+            _get(params, tree_path[:-1])[tree_path[-1]] = block
         seen.add(name)
 
     for file in tqdm(weight_files, desc=f"loading {path.name}", unit="file",
@@ -344,10 +346,12 @@ def load(path: str | Path, dtype: torch.dtype | None = None, device: torch.devic
     return config, params
 
 
-def _our_region(ours: tuple[int, ...], tree_path: tuple, region: RegionFn | None) -> tuple[slice, ...]:
+def _our_region(ours: tuple[int, ...], tree_path: tuple,
+                region: RegionFn | None) -> tuple[slice, ...] | None:
     if region is None:
         return tuple(slice(0, n) for n in ours)
-    return tuple(region(".".join(str(k) for k in tree_path), ours))
+    block = region(".".join(str(k) for k in tree_path), ours)
+    return None if block is None else tuple(block)
 
 
 _TRANSPOSE_CHUNK = 1 << 22  # elements read per chunk while transposing (16 MB of fp32)
@@ -355,11 +359,13 @@ _TRANSPOSE_CHUNK = 1 << 22  # elements read per chunk while transposing (16 MB o
 
 def _read_block(file: Path, info: safetensors_io.TensorInfo, entry: tuple[tuple, bool],
                 region: RegionFn | None, dtype: torch.dtype | None,
-                device: torch.device | str) -> torch.Tensor:
+                device: torch.device | str) -> torch.Tensor | None:
     """Our block of one stored tensor. A transposed one is read a few stored rows at a time,
     each chunk transposed into the result: the only extra memory is one chunk."""
     tree_path, transposed = entry
     block = _our_region(info.shape[::-1] if transposed else info.shape, tree_path, region)
+    if block is None:
+        return None
     out_dtype = dtype or info.dtype
     if not transposed:
         return safetensors_io.read(file, info, block).to(device=device, dtype=out_dtype)
@@ -374,11 +380,13 @@ def _read_block(file: Path, info: safetensors_io.TensorInfo, entry: tuple[tuple,
 
 
 def _block_of(tensor: torch.Tensor, entry: tuple[tuple, bool], region: RegionFn | None,
-              dtype: torch.dtype | None, device: torch.device | str) -> torch.Tensor:
+              dtype: torch.dtype | None, device: torch.device | str) -> torch.Tensor | None:
     tree_path, transposed = entry
     if transposed:
         tensor = tensor.T
     block = _our_region(tuple(tensor.shape), tree_path, region)
+    if block is None:
+        return None
     return tensor[block].to(device=device, dtype=dtype or tensor.dtype).contiguous()
 
 

@@ -76,22 +76,28 @@ def empty(abstract: Any, axes: Any, rules: sharding.Rules, mesh: Mesh,
 
 
 def load_hf(path: str | Path, rules: sharding.Rules, mesh: Mesh, dtype: torch.dtype | None = None,
-            device: torch.device | str = "cpu") -> tuple[llama.Config, llama.Params]:
-    """(config, params) of an HF directory, each rank reading only its blocks.
+            device: torch.device | str = "cpu", select: Callable[[Any], Any] | None = None,
+            ) -> tuple[llama.Config, llama.Params]:
+    """(config, params) of an HF directory, each rank reading only its blocks (and, with
+    `select`, only the tensors of its part of the model: a pipeline stage's).
 
     Before reading any weight: the config, the mesh against every dimension, and every tensor's
     name and shape in the safetensors headers are checked (first mismatch named).
     """
     config = hf.load_config(path)
-    axes = llama.param_axes(config)
-    sharding.check_shardable(llama.param_shapes(config), axes, rules, mesh)
+    select = select or (lambda tree: tree)
+    axes = select(llama.param_axes(config))
+    shapes = pytree.flatten_by_path(select(llama.param_shapes(config)), is_leaf=sharding.is_shape)
+    sharding.check_shardable(select(llama.param_shapes(config)), axes, rules, mesh)
     flat_axes = pytree.flatten_by_path(axes, is_leaf=pytree.is_axes)
-    shapes = pytree.flatten_by_path(llama.param_shapes(config), is_leaf=sharding.is_shape)
-    _, blocks = hf.load(path, dtype=dtype, device=device,
-                        region=lambda p, shape: sharding.local_region(shape, flat_axes[p], rules, mesh))
+
+    def region(p: str, shape: tuple[int, ...]):
+        return sharding.local_region(shape, flat_axes[p], rules, mesh) if p in shapes else None
+
+    _, blocks = hf.load(path, dtype=dtype, device=device, region=region)
     params = pytree.map_with_path(
         lambda p, block, leaf_axes: sharding.from_local(block, shapes[p], leaf_axes, rules, mesh),
-        blocks, axes)
+        select(blocks), axes)
     return config, params
 
 

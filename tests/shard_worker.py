@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lib import optim, pytree  # noqa: E402
+from lib import pytree  # noqa: E402
 from models import hf, llama  # noqa: E402
 from parallel import sharded, sharding  # noqa: E402
 from parallel.mesh import MeshConfig, build_mesh  # noqa: E402
@@ -67,7 +67,7 @@ def run_case(text: str, hf_dir: Path, save_dir: Path, reference: dict) -> dict:
     params = sharded.init(MODEL, SEED, rules, mesh)
     result["local_fraction"] = (sum(x.to_local().numel() for x in pytree.leaves(params))
                                 / llama.num_params(MODEL))
-    state = init_state(params, optim.OptimizerConfig(), TrainStepConfig(dtype="bf16"))
+    state = init_state(params, TrainStepConfig(dtype="bf16"))
     result["moments_like_params"] = all(
         m.placements == p.placements and m.to_local().shape == p.to_local().shape
         for m, p in zip(pytree.leaves(state["opt"]["mu"]), pytree.leaves(params)))

@@ -51,7 +51,7 @@ def test_state_and_kv_cache_are_placed_without_memory(world, case):
     rules = sharding.load_rules(mesh=mesh)
     params = sharded.empty(llama.init(model, dtype=torch.bfloat16, device="meta"),
                            llama.param_axes(model), rules, mesh, device="meta")
-    state = train_step.init_state(params, optim.OptimizerConfig(), train_step.TrainStepConfig(dtype="bf16"))
+    state = train_step.init_state(params, train_step.TrainStepConfig(dtype="bf16"))
     cache = sharded.empty(llama.init_cache(model, GLOBAL_ROWS, SEQ, dtype=torch.bfloat16, device="meta"),
                           llama.cache_axes(model), rules, mesh, device="meta")
     # No memory: every tensor of the state and the cache is on meta (step and loss scale, host
@@ -105,7 +105,7 @@ def test_the_compiled_step_traces_on_the_64_rank_mesh(world):
     rules = sharding.load_rules(mesh=mesh)
     step_cfg = train_step.TrainStepConfig(dtype="bf16", remat="none", compile=True)
     params = sharded.empty(llama.init(model, device="meta"), llama.param_axes(model), rules, mesh, device="meta")
-    state = train_step.init_state(params, optim.OptimizerConfig(), step_cfg)
+    state = train_step.init_state(params, step_cfg)
     step = train_step.build_train_step(model, optim.OptimizerConfig(), step_cfg, mesh, rules, backend="eager")
     rows = GLOBAL_ROWS // sharding.batch_shards(rules, mesh)[1]
     batch = {k: torch.zeros(rows, SEQ, dtype=torch.long, device="meta") for k in ("tokens", "labels")}

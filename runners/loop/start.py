@@ -20,8 +20,8 @@ not needed at all); a contradiction is an error naming the key. Resuming under a
 
 On top, LoRA adapters (fresh, or restored on resume) over the frozen base. Then
 `train_step.init_state` makes the trained params in the step dtype and their fp32 master
-weights: the only place that does. The base params are created or loaded in `base_params`: the
-seam where a sharded start (each rank materialising only its shards) plugs in.
+weights: the only place that does. The base params are created or loaded in `base_params`,
+each rank materialising only its own shards (`parallel.sharded`).
 """
 from __future__ import annotations
 
@@ -36,8 +36,8 @@ from lib import checkpoint as ckpt_lib
 from lib import config as config_lib
 from lib import dtypes, pytree
 from lib.errors import UserError
-from models import checkpoints, llama, lora
-from parallel import pipeline_step, sharding, train_step
+from models import checkpoints, hf, llama, lora
+from parallel import pipeline, pipeline_step, sharded, sharding, train_step
 from runners.loop.setup import Run
 
 
@@ -88,6 +88,11 @@ def initial_state(run: Run, cfg: RunConfig, ckpt: ckpt_lib.Checkpointer, *, give
     tell a restated model from the config's default. ckpt: this run's checkpointer.
     """
     source = _source(cfg.checkpoint, ckpt, params_only)
+    if source.whole_state and source.base is None and lora_cfg is None:
+        # A checkpoint of another shape is refused from its metadata, before anything is allocated.
+        recorded = checkpoints.recorded_model(source.extra, source.path or "this run's checkpoint")
+        abstract = llama.init(recorded or cfg.model, device="meta")
+        ckpt.check(train_step.init_state(abstract, cfg.train.step))
     model, params = base_params(run, source, cfg.model, cfg.train.seed)
     if source.kind != "scratch":
         _check_given_model(given_model, model, source.path or "this run's checkpoint")
@@ -122,32 +127,46 @@ def base_params(run: Run, source: Source, default: llama.Config, seed: int
     """The model config and its params (fp32, sharded by the run's rules) before training
     touches them: the one place they are created or loaded.
 
-    A scratch run initialises `default`; a finetune loads the weights and the config they
-    record (`models.checkpoints.load_pretrained`: HF, Megatron, native); a resumed run gets empty
-    params of the recorded model, which `ckpt.restore` fills (an SFT run's frozen base is loaded
-    from where it started, its trained adapters restored).
-    Issue-sized change ahead: a sharded start makes each rank create or read only its shards.
+    Each rank creates or reads only its own shards (`parallel.sharded`), after checking that
+    the mesh divides every dimension: a scratch run draws its blocks of `llama.init(default,
+    seed)` (the same values on any mesh), an HF directory is read slice by slice from its
+    safetensors, and a resumed run gets empty shards of the recorded model, which `ckpt.restore`
+    fills block by block. Megatron and native checkpoints loaded as weights (finetune), and an
+    SFT run's frozen base under a resumed LoRA run, go through
+    `models.checkpoints.load_pretrained`: read whole on each rank, then sharded.
     """
     dev = run.dev.torch_device
     where = source.path or "this run's checkpoint"
     recorded = checkpoints.recorded_model(source.extra, where) if source.extra else None
+    if source.base is not None and checkpoints.checkpoint_kind(source.base) == "hf":
+        model = hf.load_config(source.base)
+        return sharded.load_hf(source.base, run.rules, run.mesh, dtype=torch.float32, device=dev,
+                               select=_stage_part(run, model))
     if source.base is not None:
         # A native checkpoint without a recorded config is read as the config's model.
         expected = recorded or (default if source.kind == "native" else None)
         model, params, _ = checkpoints.load_pretrained(source.base, dtype=torch.float32, device=dev,
                                                        merge_adapter=True, config=expected)
-    elif source.whole_state:
+        return model, pipeline_step.place_params(params, model, run.pipeline, run.mesh, run.rules)
+    if source.whole_state:
         # Filled by the restore: no values needed, only the tree, shapes and placements.
         model = recorded or default
-        params = pytree.tree_map(lambda s: torch.empty(s, device=dev), llama.param_shapes(model),
-                                 is_leaf=_is_shape)
-    else:
-        model, params = default, llama.init(default, seed, device=dev)
-    return model, pipeline_step.place_params(params, model, run.pipeline, run.mesh, run.rules)
+        part = _stage_part(run, model)
+        return model, sharded.empty(part(llama.init(model, device="meta")), part(llama.param_axes(model)),
+                                    run.rules, run.mesh, device=dev)
+    return default, sharded.init(default, seed, run.rules, run.mesh, device=dev,
+                                 select=_stage_part(run, default))
 
 
-def _is_shape(x: Any) -> bool:
-    return isinstance(x, tuple) and all(isinstance(n, int) for n in x)
+def _stage_part(run: Run, model: llama.Config) -> Callable[[Any], Any]:
+    """The part of a model tree this rank holds: its pipeline stages' (all of it without a
+    `pipe` axis)."""
+    pipe = run.mesh.size("pipe")
+    if pipe == 1:
+        return lambda tree: tree
+    plan = pipeline.layout(run.pipeline, model.n_layers, pipe)
+    stages = plan.stages_of(run.mesh.stage)
+    return lambda tree: pipeline.select(tree, plan, stages)
 
 
 def _source(ckpt_cfg: ckpt_lib.CheckpointConfig, ckpt: ckpt_lib.Checkpointer, params_only: bool) -> Source:
