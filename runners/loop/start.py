@@ -88,16 +88,21 @@ def initial_state(run: Run, cfg: RunConfig, ckpt: ckpt_lib.Checkpointer, *, give
     tell a restated model from the config's default. ckpt: this run's checkpointer.
     """
     source = _source(cfg.checkpoint, ckpt, params_only)
-    if source.whole_state and source.base is None and lora_cfg is None:
-        # A checkpoint of another shape is refused from its metadata, before anything is allocated.
-        recorded = checkpoints.recorded_model(source.extra, source.path or "this run's checkpoint")
-        abstract = llama.init(recorded or cfg.model, device="meta")
-        ckpt.check(train_step.init_state(abstract, cfg.train.step))
-    model, params = base_params(run, source, cfg.model, cfg.train.seed)
-    if source.kind != "scratch":
-        _check_given_model(given_model, model, source.path or "this run's checkpoint")
-    if source.whole_state:
+    where = source.path or "this run's checkpoint"
+    restores_all = source.whole_state and source.base is None and lora_cfg is None
+    if restores_all:
+        # Everything comes from the checkpoint: check it before anything is allocated (the
+        # model asked for, the step dtype, then every tensor's shape from its metadata).
+        model = checkpoints.recorded_model(source.extra or {}, where) or cfg.model
+        _check_given_model(given_model, model, where)
         _check_resumable(source, cfg, lora_cfg)
+        ckpt.check(train_step.init_state(llama.init(model, device="meta"), cfg.train.step))
+    model, params = base_params(run, source, cfg.model, cfg.train.seed)
+    if not restores_all:
+        if source.kind != "scratch":
+            _check_given_model(given_model, model, where)
+        if source.whole_state:
+            _check_resumable(source, cfg, lora_cfg)
 
     trained, forward, params_of = params, None, _same
     if lora_cfg is not None:
