@@ -5,6 +5,7 @@ References: the `safetensors` library's own reader and writer (load_file, safe_o
 file format; the single-process `llama.init` for the values of a sharded init; torch's
 profiler for the bytes each rank allocates (on a fake process group, in this process).
 """
+import dataclasses
 import json
 import math
 import random
@@ -223,8 +224,6 @@ def test_four_ranks_fsdp_x_tensor_build_the_single_process_model(hf_dir, tmp_pat
 
 
 def test_a_native_checkpoint_of_another_shape_is_refused_from_its_metadata(tmp_path):
-    import dataclasses
-
     from lib import checkpoint as ckpt_lib
     saver = ckpt_lib.Checkpointer(ckpt_lib.CheckpointConfig(dir=str(tmp_path / "ckpt"), async_save=False))
     try:
@@ -242,13 +241,23 @@ def test_a_native_checkpoint_of_another_shape_is_refused_from_its_metadata(tmp_p
         reader.close()
 
 
-def test_a_pipeline_stage_creates_only_its_layers_with_the_same_values():
+def test_a_pipeline_stage_creates_and_reads_only_its_layers(hf_dir, monkeypatch):
     from parallel import pipeline
-    config = llama.Config(vocab_size=100, dim=32, n_layers=4, n_heads=4, ffn_dim=64)
     mesh = build_mesh(MeshConfig(fsdp=1))
-    layout = pipeline.layout(pipeline.PipelineConfig(), config.n_layers, pipe=2)
-    last = sharded.init(config, 5, sharding.load_rules(mesh=mesh), mesh,
-                        select=lambda tree: pipeline.select(tree, layout, [1]))
-    full = llama.init(config, 5)
-    assert sorted(last["layers"]) == [2, 3] and "embed" not in last and "lm_head" in last
-    assert torch.equal(last["layers"][3]["w_up"], full["layers"][3]["w_up"])
+    rules = sharding.load_rules(mesh=mesh)
+    layout = pipeline.layout(pipeline.PipelineConfig(), 2, pipe=2)
+    config = dataclasses.replace(MODEL, n_layers=2)
+    last = lambda tree: pipeline.select(tree, layout, [1])
+    created = sharded.init(config, 5, rules, mesh, select=last)
+    assert sorted(created["layers"]) == [1] and "embed" not in created and "lm_head" in created
+    assert torch.equal(created["layers"][1]["w_up"], llama.init(config, 5)["layers"][1]["w_up"])
+
+    two_layers = hf_dir.parent / "two-layers"
+    hf.save(two_layers, config, llama.init(config, 6), max_shard_bytes=400_000)
+    reads, real_read = [], safetensors_io.read
+    monkeypatch.setattr(safetensors_io, "read", lambda f, info, region=None: reads.append((f, info.offset)) or
+                        real_read(f, info, region))
+    _, loaded = sharded.load_hf(two_layers, rules, mesh, select=last)
+    assert sorted(loaded["layers"]) == [1] and "embed" not in loaded
+    assert torch.equal(loaded["layers"][1]["wq"], llama.init(config, 6)["layers"][1]["wq"])
+    assert len(set(reads)) == 9 + 2  # layer 1's tensors, the final norm and lm_head: nothing else
