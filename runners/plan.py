@@ -8,7 +8,8 @@ throughput of a training config on named devices, before anything is launched or
 It reads `runners.pretrain`'s config (the same YAML and overrides: a config the planner passes is
 the config that gets launched) plus a few keys of its own: `device`, `device_memory` (GiB),
 `world_size` (when a mesh axis is -1), `mfu`, `reserve` (GiB kept for the runtime) and
-`generate.batch_size` / `generate.max_len` (the KV cache for decoding). The figures come from
+`generate.batch_size` / `generate.max_len` (the KV cache for decoding); `pipeline.*` is
+`runners.pretrain`'s own. The figures come from
 `parallel.plan`. Exit status: 0 when it fits, 1 when it does not, 2 for bad input.
 """
 from __future__ import annotations
@@ -26,7 +27,6 @@ from models import llama
 from parallel import plan as plan_lib
 from parallel import sharding
 from parallel.mesh import AXES
-from parallel.pipeline import PipelineConfig
 from runners.pretrain import PretrainConfig
 from runners.trainer import TrainConfig
 
@@ -63,8 +63,6 @@ class PlanConfig(PretrainConfig):
     mfu: float = 0.4                     # assumed model FLOPs utilisation for the throughput
     reserve: float = 2.0                 # GiB per device kept for the runtime (context, comm buffers)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
-    # Stage layout and schedule for mesh.pipe > 1, until runners.pretrain reads pipeline.* itself.
-    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     def __post_init__(self):
         if not 0 < self.mfu <= 1:
