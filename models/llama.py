@@ -383,7 +383,7 @@ def logits(params: Params, hidden: torch.Tensor, config: Config) -> torch.Tensor
     """The lm_head: [..., dim] -> [..., vocab]. Kept apart from `hidden_states` so a caller
     pays it only for the positions it needs (the last one when generating)."""
     head = params["embed"].T if config.tie_embeddings else params["lm_head"]
-    out = hidden @ head
+    out = project(hidden, head)
     return constrain(out, ("batch", "seq", "vocab")) if out.dim() == 3 else out
 
 

@@ -46,6 +46,7 @@ from lib.constraints import use_constraint
 from lib.errors import UserError
 from models import llama
 from parallel import jit as jit_lib
+from parallel import kernels as kernels_lib
 from parallel import sharding
 from parallel.mesh import Mesh
 
@@ -103,9 +104,10 @@ def sharded_attention(attention: Callable, rules: sharding.Rules, mesh: Mesh) ->
 class Decoder:
     """A LLaMA as a `DecodeModel`: compiled prefill and decode step over an in-place KV cache.
 
-    params:  the parameter tree (plain tensors; under a mesh they are placed here by the rules),
-             in the dtype to decode in; the cache takes that dtype. (Merge LoRA adapters
-             first: `lora.merge`; decoding then costs what the base model costs.)
+    params:  the parameter tree (plain tensors; under a mesh they are placed here by the rules,
+             on one CPU process the projections are prepacked for oneDNN), in the dtype to
+             decode in; the cache takes that dtype. (Merge LoRA adapters first: `lora.merge`;
+             decoding then costs what the base model costs.)
     backend: a torch.compile backend (`parallel.kernels.compile_backend`, a callable such as
              dynamo's CompileCounter in tests), or None to run eagerly.
     kernels: the model's kernels (`parallel.kernels.kernels_for`); attention is run per shard
@@ -133,6 +135,8 @@ class Decoder:
             self._constraint = sharding.activation_constraint(rules, self.mesh)
         else:
             self._row_multiple = 1
+            if kernels_lib.can_prepack(params):  # CPU: oneDNN's packed matmul (parallel/kernels.py)
+                params = kernels_lib.prepack_projections(params)
         self.params = params
         self.dtype = params["embed"].dtype
         self.device = _local(params["embed"]).device

@@ -139,14 +139,19 @@ class TimedModel:
 class Generator:
     """A loaded model with its tokenizer: `generate` on strings or token ids (see the module doc).
 
-    Attributes: `config` (llama.Config), `params`, `tokenizer` (None when the checkpoint has none:
-    prompts are then token ids), `eos_ids`, `defaults` (the GenerateConfig settings start from).
+    Attributes: `config` (llama.Config), `params` (on one CPU process the projections are
+    oneDNN-prepacked `parallel.kernels.PackedWeight`s, which `llama.forward` applies as they
+    are), `tokenizer` (None when the checkpoint has none: prompts are then token ids), `eos_ids`,
+    `defaults` (the GenerateConfig settings start from).
     """
 
     def __init__(self, config: llama.Config, params: llama.Params, tokenizer: Tokenizer | None, *,
                  dev: device_lib.Device, dtype: torch.dtype, mesh: Mesh, rules: sharding.Rules,
                  kernels: llama.Kernels, eos_ids: Seq[int] = (), defaults: GenerateConfig | None = None,
                  cache_dir: str | Path | None = None):
+        if mesh.device_mesh is None and kernels_lib.can_prepack(params):
+            # once, for every decoder built here (the plain copy is not kept)
+            params = kernels_lib.prepack_projections(params)
         self.config, self.params, self.tokenizer = config, params, tokenizer
         self.eos_ids = list(eos_ids)
         self.defaults = defaults or GenerateConfig()

@@ -2,6 +2,7 @@
 torch_npu whose ops follow the op-plugin documentation (signature, layout, mask convention)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import types
@@ -10,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lib import pytree
 from lib.device import Device
 from lib.errors import UserError
 from models import attention as attention_lib
@@ -214,3 +216,19 @@ def test_npu_fusion_attention_decode_mask_convention(fake_npu):
     torch.testing.assert_close(out, attention_lib.reference(q, k, v, mask=mask))
     kw = fake_npu.calls[0][1]
     assert kw["sparse_mode"] == 0 and torch.equal(kw["atten_mask"], ~mask)
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_prepacked_projections_equal_plain_matmuls(dtype, atol):
+    """oneDNN's packed matmul (CPU) against torch's own, on odd sizes (vocab 523, ffn 176)."""
+    config = dataclasses.replace(llama.PRESETS["tiny"], vocab_size=523)
+    params = pytree.tree_map(lambda t: t.to(dtype), llama.init(config, seed=0))
+    assert kernels.can_prepack(params)
+    packed = kernels.prepack_projections(params)
+    assert isinstance(packed["layers"][1]["w_up"], kernels.PackedWeight)
+    assert not kernels.can_prepack(packed)  # packing twice is a no-op
+    tokens = torch.randint(0, config.vocab_size, (3, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = llama.forward(params, tokens, config).float()
+        got = llama.forward(packed, tokens, config).float()
+    torch.testing.assert_close(got, expected, atol=atol, rtol=0)
