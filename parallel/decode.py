@@ -17,7 +17,7 @@ Two compiled functions, the way gpt-fast has them:
   bucket in the cache is split into power-of-two chunks (chunked prefill is exact).
 
 Graphs depend on (batch, cache length), so a cache's length (prompt + new tokens + `HEADROOM`
-slots for a bucket's padding) is rounded up to a few sizes (2^k and 1.5 * 2^k, from 256):
+slots for a bucket's padding) is rounded up to a few sizes (2^k and 1.5 * 2^k, from 128):
 another `max_new_tokens` reuses the graphs of the size it falls in. `compile=False` (backend None) runs
 the same functions eagerly.
 
@@ -54,7 +54,7 @@ Cache = dict[str, Any]
 
 MIN_BUCKET = 8           # shortest prefill graph (a speculative block of up to 7 drafts fits)
 HEADROOM = 16            # cache slots beyond what is asked: room for a short block's padding
-MIN_CACHE = 256
+MIN_CACHE = 128
 # Every (batch, cache length, bucket) is a graph: allow many before dynamo gives up on a function.
 RECOMPILE_LIMIT = 64
 
@@ -71,7 +71,7 @@ def cache_length(needed: int, limit: int) -> int:
     want = needed + HEADROOM
     size = MIN_CACHE
     while size < want:
-        size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3  # 256, 384, 512, 768...
+        size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3  # 128, 192, 256, 384, 512...
     return min(size, limit + HEADROOM)
 
 

@@ -21,7 +21,7 @@ from tests.helpers_hf import random_hf_model
 
 transformers = pytest.importorskip("transformers")
 
-# A context long enough for two cache sizes (256 and 384 slots).
+# A context long enough for two cache sizes (128 and 384 slots).
 CONFIG = dataclasses.replace(llama.PRESETS["tiny"], max_seq_len=512)
 
 
@@ -47,7 +47,7 @@ def prompts_of(lengths, seed=0):
 
 def test_buckets_and_cache_sizes():
     assert [decode.prefill_bucket(n) for n in (1, 8, 9, 16, 17, 100, 129)] == [8, 8, 16, 16, 32, 128, 256]
-    assert decode.cache_length(20, 4096) == 256
+    assert [decode.cache_length(n, 4096) for n in (20, 112, 113, 176, 177)] == [128, 128, 192, 192, 256]
     assert decode.cache_length(240, 4096) == 256          # 240 + 16 headroom
     assert decode.cache_length(241, 4096) == 384
     assert [decode.cache_length(n, 8192) for n in (400, 600, 1000, 1500)] == [512, 768, 1024, 1536]
