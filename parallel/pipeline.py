@@ -190,9 +190,17 @@ def bubble_fraction(schedule: str, pipe: int, micro_batches: int, virtual_stages
     return bubble / virtual_stages if schedule == "Interleaved1F1B" else bubble
 
 
-def in_flight_micro_batches(schedule: str, pipe: int, micro_batches: int, stage: int = 0) -> int:
-    """Micro-batches whose activations a rank at coordinate `stage` holds at the peak: all of
-    them under GPipe; under 1F1B at most `pipe - stage` (the first stage holds the most)."""
+def in_flight(schedule: str, pipe: int, micro_batches: int, virtual_stages: int = 1,
+              rank: int = 0) -> int:
+    """Forward chunks (one micro-batch through one of its stages) whose activations the rank at
+    coordinate `rank` along `pipe` holds at its peak, as torch's schedules order them: GPipe
+    all m; 1F1B min(m, p - rank) (the first stage holds the most); Interleaved1F1B its warm-up
+    forwards plus one, (v - 1) * m_round + 2 (p - 1 - rank) + 1, at most m * v (each chunk then
+    covers 1/v of the rank's layers)."""
     if schedule == "GPipe":
         return micro_batches
-    return min(micro_batches, pipe - stage)
+    if schedule == "1F1B":
+        return min(micro_batches, pipe - rank)
+    per_round = micro_batches // max(1, micro_batches // pipe)
+    warmup = (virtual_stages - 1) * per_round + 2 * (pipe - 1 - rank)
+    return min(warmup + 1, micro_batches * virtual_stages)

@@ -248,6 +248,7 @@ def build_train_step(model_cfg: llama.Config, optim_cfg: optim.OptimizerConfig,
         with implicit_replication(), use_constraint(pipe.constraint):
             return update(state, grads, total / scale)
 
+    step.schedule = pipe.schedule  # torch's schedule object, for inspection (its pipeline_order)
     return step
 
 

@@ -38,7 +38,7 @@ from models import attention, llama  # noqa: E402
 from parallel import pipeline_step, sharding  # noqa: E402
 from parallel import train_step as plain_step  # noqa: E402
 from parallel.mesh import MeshConfig, build_mesh  # noqa: E402
-from parallel.pipeline import PipelineConfig, layout  # noqa: E402
+from parallel.pipeline import PipelineConfig, in_flight, layout  # noqa: E402
 from parallel.train_step import TrainStepConfig, init_state  # noqa: E402
 
 MODEL = llama.Config(vocab_size=512, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=176,
@@ -83,6 +83,19 @@ def reference_run(params, data):
         losses.append(float(loss.detach()))
         snapshots.append(pytree.tree_map(lambda p: p.detach().clone(), tree))
     return losses, norms, snapshots
+
+
+def peak_in_flight(actions) -> int:
+    """Most forward chunks not yet run backward, along one rank's list of torch actions."""
+    held = peak = 0
+    for action in actions:
+        kind = str(getattr(action, "computation_type", ""))
+        if kind.endswith("FORWARD") and "BACKWARD" not in kind:
+            held += 1
+        elif "BACKWARD" in kind and "WEIGHT" not in kind:
+            held -= 1
+        peak = max(peak, held)
+    return peak
 
 
 def rel(x: float, ref: float) -> float:
@@ -161,6 +174,13 @@ def run_case(text: str, params, data, reference, work_dir: Path) -> dict:
             ckpt = _checkpointer(work_dir, case["save"], mesh)
             ckpt.save(step + 1, state, {}, force=True)
             ckpt.close()
+    if mesh.size("pipe") > 1:  # the schedule's own order: peak forward chunks held per rank
+        order = train_step.schedule.pipeline_order
+        result["in_flight"] = {"torch": [peak_in_flight(order[r]) for r in sorted(order)],
+                               "ours": [in_flight(case["pipeline"].schedule, mesh.size("pipe"),
+                                                  case["step"].micro_batches,
+                                                  case["pipeline"].virtual_stages, r)
+                                        for r in sorted(order)]}
     # Every parameter is held by exactly the ranks of its stage: gather the key sets.
     keys = [None] * dist.get_world_size()
     dist.all_gather_object(keys, sorted(pytree.flatten_by_path(state["params"])))

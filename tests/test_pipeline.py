@@ -111,8 +111,10 @@ def test_bubble_and_in_flight_micro_batches():
     assert pipeline.bubble_fraction("GPipe", pipe=4, micro_batches=8) == pytest.approx(3 / 11)
     assert pipeline.bubble_fraction("Interleaved1F1B", 4, 8, virtual_stages=2) == pytest.approx(3 / 22)
     assert pipeline.bubble_fraction("1F1B", pipe=1, micro_batches=8) == 0.0
-    assert pipeline.in_flight_micro_batches("GPipe", 4, 8) == 8
-    assert [pipeline.in_flight_micro_batches("1F1B", 4, 8, s) for s in range(4)] == [4, 3, 2, 1]
+    assert pipeline.in_flight("GPipe", 4, 8) == 8
+    assert [pipeline.in_flight("1F1B", 4, 8, rank=r) for r in range(4)] == [4, 3, 2, 1]
+    # torch's Interleaved1F1B warm-up: (v - 1) * 4 micro-batches per round + 2 per hop to the end
+    assert [pipeline.in_flight("Interleaved1F1B", 4, 8, 2, r) for r in range(4)] == [11, 9, 7, 5]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,6 +136,8 @@ def check(results: dict) -> None:
     for case, r in results.items():
         print(case, {k: v for k, v in r.items() if k != "keys_on_rank0"})
         assert r["all_keys_once_per_stage_group"], case
+        if "in_flight" in r:  # the planner's activation count, against torch's own schedule order
+            assert r["in_flight"]["ours"] == r["in_flight"]["torch"], (case, r["in_flight"])
         low = "dtype=" in case
         for key in ("loss", "grad_norm", "grad", "params", "eval_loss"):
             tol = LOW_PRECISION.get(key) if low else TOL
