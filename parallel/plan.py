@@ -259,17 +259,21 @@ def plan(model: llama.Config, mesh_sizes: dict[str, int], rules: sharding.Rules,
     pipe = mesh_sizes.get(PIPE, 1)
     if pipe == 1:
         return _plan_rank(model, mesh, rules, workload, llama.param_shapes(model),
-                          llama.param_axes(model), in_flight=1, head=True)
+                          llama.param_axes(model), in_flight=1, chunk_layers=model.n_layers, head=True)
     layout = pipeline.check(workload.pipeline, model, pipe, workload.micro_batches)
     plans = []
     for rank in range(pipe):
         stages = layout.stages_of(rank)
-        in_flight = pipeline.in_flight_micro_batches(workload.pipeline.schedule, pipe,
-                                                     workload.micro_batches, rank)
+        # Forward chunks held at the peak: a chunk is one micro-batch through one of the rank's
+        # stages (interleaved: 1/v of its layers; the largest stage counted for uneven splits).
+        in_flight = pipeline.in_flight(workload.pipeline.schedule, pipe, workload.micro_batches,
+                                       layout.virtual_stages, rank)
         plans.append(_plan_rank(model, mesh, rules, workload,
                                 pipeline.select(llama.param_shapes(model), layout, stages),
                                 pipeline.select(llama.param_axes(model), layout, stages),
-                                in_flight=in_flight, head=layout.n_stages - 1 in stages, pipe_rank=rank))
+                                in_flight=in_flight,
+                                chunk_layers=max(len(layout.layers[s]) for s in stages),
+                                head=layout.n_stages - 1 in stages, pipe_rank=rank))
     worst = max(plans, key=lambda p: p.total)
     bubble = pipeline.bubble_fraction(workload.pipeline.schedule, pipe, workload.micro_batches,
                                       layout.virtual_stages)
@@ -282,9 +286,11 @@ def plan(model: llama.Config, mesh_sizes: dict[str, int], rules: sharding.Rules,
 
 
 def _plan_rank(model: llama.Config, mesh: Mesh, rules: sharding.Rules, workload: Workload,
-               shapes: Any, axes: Any, *, in_flight: int, head: bool, pipe_rank: int | None = None) -> Plan:
+               shapes: Any, axes: Any, *, in_flight: int, chunk_layers: int, head: bool,
+               pipe_rank: int | None = None) -> Plan:
     """The plan of a rank holding the parameters in `shapes` (all, or a pipeline stage's),
-    with `in_flight` micro-batches' activations at its peak and the output head if `head`."""
+    with the activations of `in_flight` chunks (a micro-batch through `chunk_layers` layers) at
+    its peak and the output head if `head`."""
     layers = len(shapes["layers"])
     rows = micro_batch_rows(workload, rules, mesh)
     global_rows = workload.global_batch // workload.micro_batches
@@ -301,7 +307,8 @@ def _plan_rank(model: llama.Config, mesh: Mesh, rules: sharding.Rules, workload:
     if layer_gathered == param_elements(one_layer, one_layer_axes, rules, mesh) * p_bytes:
         layer_gathered = 0  # nothing split over a data axis: the weights are used in place
     held_layers = min(layers, 1 if workload.remat == "full" else layers)
-    activations = in_flight * layers * layer_saved(x, workload.remat, workload.attention, workload.compile)
+    activations = in_flight * chunk_layers * layer_saved(x, workload.remat, workload.attention,
+                                                         workload.compile)
     # On top of the layers' activations, the larger of two moments: the start of the backward
     # (the head's tensors and the logits' gradient), or a layer's backward (with the logits'
     # gradient still alive).
@@ -312,7 +319,7 @@ def _plan_rank(model: llama.Config, mesh: Mesh, rules: sharding.Rules, workload:
     remat_note = {"none": "every layer keeps its activations", "full": "each layer keeps its input only",
                   "selective": "attention recomputed from q, k, v"}[workload.remat]
     where = "" if pipe_rank is None else f" (pipeline rank {pipe_rank}: {layers} layers" + \
-        (", the output head" if head else "") + f", {in_flight} micro-batch(es) in flight)"
+        (", the output head" if head else "") + f", {in_flight} x {chunk_layers} layers in flight)"
 
     persistent = (
         Term("parameters", params, f"{n_local:,} elements on this device, {workload.dtype}{where}"),
@@ -323,7 +330,7 @@ def _plan_rank(model: llama.Config, mesh: Mesh, rules: sharding.Rules, workload:
         Term("gradients", n_local * p_bytes,
              f"{workload.dtype}, accumulated over {workload.micro_batches} micro-batch(es)"),
         Term("activations", activations,
-             f"{layers} layers x {in_flight} x micro-batch {rows} x {workload.seq_len} tokens, "
+             f"{in_flight} x {chunk_layers} layers x micro-batch {rows} x {workload.seq_len} tokens, "
              f"remat={workload.remat} ({remat_note}), {workload.attention} attention"),
         Term("gathered weights", layer_gathered * held_layers,
              (f"{held_layers} layer(s) whole along the data axes, kept for the backward"

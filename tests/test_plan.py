@@ -15,6 +15,7 @@ from lib.errors import UserError
 from models import attention, llama
 from parallel import plan, sharding, train_step
 from parallel.mesh import Mesh
+from parallel.pipeline import PipelineConfig
 from runners import plan as plan_runner
 
 RULES = sharding.load_rules()
@@ -166,3 +167,11 @@ def test_pipeline_stages_split_the_layers_and_hold_their_micro_batches_in_flight
     assert activations == 1 * 8 * (4 * 2048 * 4096 * 2)
     with pytest.raises(UserError, match="not divisible by mesh.pipe=3"):
         plan.plan(model, {"pipe": 3, "data": 1, "fsdp": 1, "tensor": 1}, RULES, w)
+    # Interleaved over 2 virtual stages: the bubble halves; rank 0 holds torch's warm-up of
+    # (2 - 1) x 4 + 2 x 3 = 10 forward chunks plus one, each 4 of its 8 layers deep.
+    inter = dataclasses.replace(w, pipeline=PipelineConfig(schedule="Interleaved1F1B", virtual_stages=2))
+    staged = plan.plan(model, {"pipe": 4, "data": 1, "fsdp": 2, "tensor": 1}, RULES, inter)
+    assert staged.pipeline_bubble == pytest.approx(3 / (8 + 3) / 2)
+    assert staged.total == max(staged.stage_totals) == staged.stage_totals[0]
+    activations = {t.name: t.bytes for t in staged.forward_backward}["activations"]
+    assert activations == 11 * 4 * (4 * 2048 * 4096 * 2)
