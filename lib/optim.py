@@ -124,27 +124,48 @@ def adamw_update(grads: PyTree, state: dict[str, Any], params: PyTree, lr: torch
     each parameter's dtype.
     """
     count = state["count"] + 1
-    c = count.to(torch.float32)
-    bias1 = 1 - cfg.beta1 ** c
-    bias2_sqrt = torch.sqrt(1 - cfg.beta2 ** c)
+    bias1, bias2_sqrt = adamw_bias_corrections(count, cfg)
+    grad_leaves, spec = pytree.flatten(grads)
     master = state.get("master", params)
-
-    b1, b2 = cfg.beta1, cfg.beta2
-    mu = pytree.tree_map(lambda g, m: m * b1 + g.float() * (1 - b1), grads, state["mu"])
-    nu = pytree.tree_map(lambda g, v: v * b2 + g.float() * g.float() * (1 - b2), grads, state["nu"])
-
-    def step(w, m, v):
-        w = w.float()
-        if w.ndim >= 2 and cfg.weight_decay:
-            w = w * (1 - lr * cfg.weight_decay)
-        return w - (lr / bias1) * m / (torch.sqrt(v) / bias2_sqrt + cfg.eps)
-
-    new_master = pytree.tree_map(step, master, mu, nu)
+    new_master, mu, nu = [], [], []
+    for g, m, v, w in zip(grad_leaves, pytree.leaves(state["mu"]), pytree.leaves(state["nu"]),
+                          pytree.leaves(master)):
+        out = adamw_leaf(g.float(), m, v, w.float(), lr, bias1, bias2_sqrt, decay_rate(w, cfg), cfg)
+        for acc, x in zip((new_master, mu, nu), out):
+            acc.append(x)
+    new_master = pytree.unflatten(spec, new_master)
     new_params = pytree.tree_map(lambda w, p: w.to(p.dtype), new_master, params)
-    new_state = {"count": count, "mu": mu, "nu": nu}
+    new_state = {"count": count, "mu": pytree.unflatten(spec, mu), "nu": pytree.unflatten(spec, nu)}
     if "master" in state:
         new_state["master"] = new_master
     return new_params, new_state
+
+
+def adamw_bias_corrections(count: torch.Tensor, cfg: OptimizerConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1 - beta1^t, sqrt(1 - beta2^t)) for the t-th update (`count` = t, from 1)."""
+    c = count.to(torch.float32)
+    return 1 - cfg.beta1 ** c, torch.sqrt(1 - cfg.beta2 ** c)
+
+
+def decay_rate(param: torch.Tensor, cfg: OptimizerConfig) -> float:
+    """The weight decay of one parameter: matmul weights and embeddings decay, norms do not."""
+    return cfg.weight_decay if param.ndim >= 2 else 0.0
+
+
+def adamw_leaf(grad: torch.Tensor, mu: torch.Tensor, nu: torch.Tensor, weight: torch.Tensor,
+               lr: torch.Tensor | float, bias1: torch.Tensor, bias2_sqrt: torch.Tensor,
+               weight_decay: torch.Tensor | float, cfg: OptimizerConfig,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """AdamW on one tensor, all fp32: (new weight, new mu, new nu).
+
+    Elementwise, so it runs as well on a shard as on the whole tensor (the train step calls it
+    on local shards, one layer's parameters at a time, compiled once for every layer).
+    """
+    b1, b2 = cfg.beta1, cfg.beta2
+    mu = mu * b1 + grad * (1 - b1)
+    nu = nu * b2 + grad * grad * (1 - b2)
+    weight = weight * (1 - lr * weight_decay)
+    return weight - (lr / bias1) * mu / (torch.sqrt(nu) / bias2_sqrt + cfg.eps), mu, nu
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,8 +181,8 @@ def global_norm(tree: PyTree, sum_across: Callable[[torch.Tensor], torch.Tensor]
     That is a single collective per mesh instead of one per leaf. `sum_across` adds the sums of
     squares of the parts of the tree other ranks hold (pipeline stages) before the root.
     """
-    local_total = None
-    by_mesh: dict[Any, torch.Tensor] = {}
+    plain: list[torch.Tensor] = []
+    by_mesh: dict[Any, tuple[list[torch.Tensor], list[float]]] = {}
     for x in pytree.leaves(tree):
         if isinstance(x, DTensor):
             # List comprehensions, not generator expressions: dynamo cannot trace those.
@@ -170,18 +191,28 @@ def global_norm(tree: PyTree, sum_across: Callable[[torch.Tensor], torch.Tensor]
                                                    for p in x.placements])
             replicas = math.prod([x.device_mesh.size(i) for i, p in enumerate(x.placements)
                                   if isinstance(p, Replicate)])
-            sq = x.to_local().float().pow(2).sum() / replicas
-            by_mesh[x.device_mesh] = by_mesh[x.device_mesh] + sq if x.device_mesh in by_mesh else sq
+            shards, weights = by_mesh.setdefault(x.device_mesh, ([], []))
+            shards.append(x.to_local())
+            weights.append(1.0 / replicas)
         else:
-            sq = x.float().pow(2).sum()
-            local_total = sq if local_total is None else local_total + sq
-    total = local_total if local_total is not None else torch.zeros((), dtype=torch.float32)
-    for mesh, sq in by_mesh.items():
-        summed = DTensor.from_local(sq, mesh, [Partial()] * mesh.ndim, run_check=False)
+            plain.append(x)
+    total = _sum_of_squares(plain) if plain else torch.zeros((), dtype=torch.float32)
+    for mesh, (shards, weights) in by_mesh.items():
+        summed = DTensor.from_local(_sum_of_squares(shards, weights), mesh, [Partial()] * mesh.ndim,
+                                    run_check=False)
         total = total + summed.full_tensor()
     if sum_across is not None:
         total = sum_across(total)
     return torch.sqrt(total)
+
+
+def _sum_of_squares(tensors: list[torch.Tensor], weights: list[float] | None = None) -> torch.Tensor:
+    """sum_i weights[i] * |tensors[i]|^2 in fp32, with one multi-tensor norm for all of them."""
+    norms = torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))
+    squares = norms * norms
+    if weights is not None:
+        squares = squares * torch.tensor(weights, dtype=torch.float32, device=squares.device)
+    return squares.sum()
 
 
 def clip_by_global_norm(grads: PyTree, max_norm: float,
@@ -195,8 +226,15 @@ def clip_by_global_norm(grads: PyTree, max_norm: float,
     norm = global_norm(grads, sum_across)
     if max_norm <= 0:
         return grads, norm
-    scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    scale = clip_factor(norm, max_norm)
     return pytree.tree_map(lambda g: g * scale.to(g.dtype), grads), norm
+
+
+def clip_factor(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """What `clip_by_global_norm` multiplies gradients of global norm `norm` by (1 when off)."""
+    if max_norm <= 0:
+        return torch.ones_like(norm)
+    return torch.clamp(max_norm / (norm + 1e-6), max=1.0)
 
 
 # ---------------------------------------------------------------------------------------------

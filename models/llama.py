@@ -521,12 +521,14 @@ def model_forward(config: Config) -> ForwardFn:
 
 
 def batch_loss(forward_fn: ForwardFn, params: Any, batch: dict[str, torch.Tensor], *,
-               reduction: str = "mean", **forward_kw) -> torch.Tensor:
+               reduction: str = "mean", cross_entropy_fn: Callable[..., torch.Tensor] = cross_entropy,
+               **forward_kw) -> torch.Tensor:
     """Token loss of a batch {"tokens", "labels", optional "positions", "segment_ids"}: the one
-    forward -> loss path of training, evaluation and the tests. `forward_kw` goes to `forward_fn`."""
+    forward -> loss path of training, evaluation and the tests. `forward_kw` goes to `forward_fn`;
+    `cross_entropy_fn` is `cross_entropy` or a compiled version of it (`parallel/`)."""
     logits = forward_fn(params, batch["tokens"], positions=batch.get("positions"),
                         segment_ids=batch.get("segment_ids"), **forward_kw)
-    return cross_entropy(logits, batch["labels"], reduction)
+    return cross_entropy_fn(logits, batch["labels"], reduction)
 
 
 def loss_fn(params: Params, batch: dict[str, torch.Tensor], config: Config,

@@ -26,7 +26,8 @@ The per-micro-batch loss is the token-summed cross-entropy times `loss_scale / t
 global batch`, so the accumulated gradient is that of the batch's mean loss, as in
 `parallel.train_step`. Each stage's function is compiled (`parallel.jit`, fullgraph): inductor
 (or the device's backend) builds its forward and, through AOTAutograd, its backward, which the
-schedule's autograd call runs; the loss and the update are compiled on their own.
+schedule's autograd call runs; the loss and the update of each layer's parameters
+(`train_step.build_update_group`) are compiled on their own.
 """
 from __future__ import annotations
 
@@ -233,10 +234,7 @@ def build_train_step(model_cfg: llama.Config, optim_cfg: optim.OptimizerConfig,
     def sum_over_stages(x: torch.Tensor) -> torch.Tensor:
         return funcol.all_reduce(x, "sum", group)
 
-    def update(state: State, grads: Any, loss: torch.Tensor) -> tuple[State, dict]:
-        return train_step.apply_gradients(state, grads, loss, optim_cfg, step_cfg,
-                                          sum_across=sum_over_stages)
-    update = jit_lib.jit(update, backend, cache_dir=cache_dir)
+    update_group = train_step.build_update_group(optim_cfg, backend, cache_dir)
 
     def step(state: State, local_batch: Batch) -> tuple[State, dict]:
         _check_rows(local_batch, step_cfg.micro_batches)
@@ -246,7 +244,8 @@ def build_train_step(model_cfg: llama.Config, optim_cfg: optim.OptimizerConfig,
         total = pipe.run(leaves, local_batch, weight, train=True)
         grads = pytree.map_with_path(_grad_of, leaves)
         with implicit_replication(), use_constraint(pipe.constraint):
-            return update(state, grads, total / scale)
+            return train_step.apply_gradients(state, grads, total / scale, optim_cfg, step_cfg,
+                                              sum_across=sum_over_stages, update_group=update_group)
 
     step.schedule = pipe.schedule  # torch's schedule object, for inspection (its pipeline_order)
     return step

@@ -1,22 +1,27 @@
-"""The train step, built from options and compiled as one graph.
+"""The train step, built from options; compiled layer by layer.
 
     state = init_state(params, step_cfg)                       # {"params", "opt", "step", "loss_scale"}
     train_step = build_train_step(model_cfg, optim_cfg, step_cfg, mesh, rules)
     state, metrics = train_step(state, local_batch)            # metrics: loss, grad_norm, lr, ...
 
-Inside the compiled function: the gradient of the token-summed loss of each micro-batch
-(`torch.func.grad_and_value`; `torch.autograd.grad` inside a compiled function graph-breaks,
-DESIGN.md), gradients redistributed to their parameter placements (data-parallel all-reduce,
-FSDP reduce-scatter), fp16 unscaling and overflow check, global-norm clipping, the learning rate
-and the AdamW update. Parameters are DTensors placed by `parallel.sharding.shard_params` (or
-plain tensors on one process); the whole step is written in the global view.
+The step: the gradient of the token-summed loss of each micro-batch (`layerwise.grad_and_value`,
+torch.autograd), gradients redistributed to their parameter placements (data-parallel
+all-reduce, FSDP reduce-scatter), fp16 unscaling and overflow check, global-norm clipping, the
+learning rate and the AdamW update. Parameters are DTensors placed by
+`parallel.sharding.shard_params` (or plain tensors on one process); the whole step is written
+in the global view.
+
+With `compile`, the model's layer function, the loss and the update of one layer's parameters
+are each compiled once and reused for every layer (`parallel.layerwise`), so compile time does
+not grow with depth; the rest runs eagerly.
 
 `local_batch` is this rank's rows of the global batch (see `sharding.batch_shards`); the step
-splits them into micro-batches and wraps them as DTensors before entering the compiled graph.
+splits them into micro-batches and wraps them as DTensors.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -30,6 +35,7 @@ from models import llama
 from models.llama import ForwardFn
 from parallel import jit as jit_lib
 from parallel import kernels as kernels_lib
+from parallel import layerwise
 from parallel import sharding
 from parallel.mesh import Mesh
 
@@ -56,7 +62,8 @@ class TrainStepConfig:
 # torch.utils.checkpoint (full, or selective with a policy) needs saved-tensor hooks, which
 # torch.func.grad rejects on torch 2.13, eagerly and under torch.compile alike. This autograd
 # Function keeps only its inputs and recomputes the function with torch.func.vjp in the
-# backward: it composes with torch.func.grad_and_value and compiles into the step's graph.
+# backward: it composes with torch.func.grad_and_value and torch.autograd, and compiles into the
+# layer's graph.
 
 
 class _RecomputeInBackward(torch.autograd.Function):
@@ -195,31 +202,69 @@ def _check_batch(batch: Batch) -> None:
 def apply_gradients(state: State, grads: Any, loss: torch.Tensor, optim_cfg: optim.OptimizerConfig,
                     step_cfg: TrainStepConfig,
                     sum_across: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                    ) -> tuple[State, dict]:
+                    update_group: Callable | None = None) -> tuple[State, dict]:
     """The second half of a step: the new state from the summed (loss-scaled) gradients of the
     params, and the metrics. `loss` is the step's mean loss (unscaled). `sum_across` sums the
     squared gradient norm over ranks holding other parameters (pipeline stages), so clipping
-    and the finite check see the whole model and every stage skips the same steps."""
-    params, scale = state["params"], state["loss_scale"]["scale"]
+    and the finite check see the whole model and every stage skips the same steps.
+    `update_group`: `build_update_group(...)`, compiled or not (None: eager)."""
+    params, opt, scale = state["params"], state["opt"], state["loss_scale"]["scale"]
+    update_group = update_group or build_update_group(optim_cfg, None)
     grads = sharding.shard_like(grads, params)
-    grads = pytree.tree_map(lambda g: g.float() / scale, grads)
-    grads, grad_norm = optim.clip_by_global_norm(grads, optim_cfg.grad_clip, sum_across)
+    grad_norm = optim.global_norm(grads, sum_across) / scale  # of the unscaled gradients
     # inf/nan anywhere makes the global norm non-finite. Such a step (an fp16 overflow, or a
     # diverging run in any dtype) keeps the old params and moments, so the state, and any
-    # checkpoint of it, stays usable; torch.where keeps the graph free of data-dependent branches.
+    # checkpoint of it, stays usable.
     finite = torch.isfinite(grad_norm)
     lr = optim.learning_rate(optim_cfg, state["step"])
-    new_params, new_opt = optim.adamw_update(grads, state["opt"], params, lr, optim_cfg)
-    keep = lambda new, old: torch.where(finite, new, old)
-    new_params = pytree.tree_map(keep, new_params, params)
-    new_opt = pytree.tree_map(keep, new_opt, state["opt"])
+    count = opt["count"] + 1
+    bias1, bias2_sqrt = optim.adamw_bias_corrections(count, optim_cfg)
+    grad_factor = optim.clip_factor(grad_norm, optim_cfg.grad_clip) / scale
+    flat_params, spec = pytree.flatten(params)
+    masters = pytree.leaves(opt["master"]) if "master" in opt else [None] * len(flat_params)
+    new_params, mu, nu, new_masters = layerwise.map_groups(
+        update_group, layerwise.layer_groups(params),
+        [pytree.leaves(grads), flat_params, pytree.leaves(opt["mu"]), pytree.leaves(opt["nu"]),
+         masters], grad_factor, lr, bias1, bias2_sqrt, finite)
+    new_opt = {"count": torch.where(finite, count, opt["count"]),
+               "mu": pytree.unflatten(spec, mu), "nu": pytree.unflatten(spec, nu)}
+    if "master" in opt:
+        new_opt["master"] = pytree.unflatten(spec, new_masters)
     new_scale = optim.loss_scale_update(state["loss_scale"], finite, step_cfg.loss_scale) \
         if step_cfg.dtype == "fp16" else state["loss_scale"]
-    new_state = {"params": new_params, "opt": new_opt, "step": state["step"] + 1,
-                 "loss_scale": new_scale}
+    new_state = {"params": pytree.unflatten(spec, new_params), "opt": new_opt,
+                 "step": state["step"] + 1, "loss_scale": new_scale}
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "loss_scale": scale,
                "skipped": (~finite).to(torch.int64)}
     return new_state, metrics
+
+
+def build_update_group(optim_cfg: optim.OptimizerConfig, backend: str | Callable | None,
+                       cache_dir: str | None = None) -> Callable:
+    """The update of a group of parameters (`layerwise.layer_groups`: one layer's, say) for
+    `apply_gradients`, compiled by `backend` (None: eager): one graph serves every layer."""
+    return jit_lib.jit(functools.partial(_update_group, cfg=optim_cfg), backend, cache_dir)
+
+
+def _update_group(grads: list[torch.Tensor], params: list[torch.Tensor], mus: list[torch.Tensor],
+                  nus: list[torch.Tensor], masters: list[torch.Tensor | None],
+                  grad_factor: torch.Tensor, lr: torch.Tensor, bias1: torch.Tensor,
+                  bias2_sqrt: torch.Tensor, finite: torch.Tensor, *, cfg: optim.OptimizerConfig,
+                  ) -> tuple[list, list, list, list]:
+    """Local shards of a group of parameters: unscale and clip (`grad_factor`), AdamW on the
+    fp32 master weights (the params themselves in fp32), cast back; all kept as they were when
+    the step is not finite. Returns new (params, mus, nus, masters); a None master stays None."""
+    keep = lambda new, old: torch.where(finite, new, old)
+    out: tuple[list, list, list, list] = ([], [], [], [])
+    for g, p, m, v, master in zip(grads, params, mus, nus, masters):
+        weight = p if master is None else master
+        w, new_m, new_v = optim.adamw_leaf(g.float() * grad_factor, m, v, weight.float(), lr, bias1,
+                                           bias2_sqrt, optim.decay_rate(p, cfg), cfg)
+        new = (keep(w.to(p.dtype), p), keep(new_m, m), keep(new_v, v),
+               None if master is None else keep(w, master))
+        for acc, x in zip(out, new):
+            acc.append(x)
+    return out
 
 
 def build_train_step(model_cfg: llama.Config, optim_cfg: optim.OptimizerConfig,
@@ -241,14 +286,17 @@ def build_train_step(model_cfg: llama.Config, optim_cfg: optim.OptimizerConfig,
     masks are a function of (seed, step): a resumed run draws what an uninterrupted one would.
     """
     remat, kernels = apply_remat(step_cfg.remat, kernels or kernels_lib.kernels_for(None, mesh=mesh))
-    remat = layer_hook(remat, rules, mesh)
     forward = forward or llama.model_forward(model_cfg)
+    backend = backend if step_cfg.compile else None
+    layer = layerwise.compiled_layers(layer_hook(remat, rules, mesh), backend, cache_dir)
+    cross_entropy = compiled_cross_entropy(backend, cache_dir)
+    update_group = build_update_group(optim_cfg, backend, cache_dir)
 
     def step_fn(state: State, micro_batches: list[Batch]) -> tuple[State, dict]:
         params, scale = state["params"], state["loss_scale"]["scale"]
         step_key = prng.fold_in(seed, state["step"])
         n_tokens = 0
-        for mb in micro_batches:  # loops, not generator expressions: dynamo cannot trace those
+        for mb in micro_batches:
             n_tokens = n_tokens + (mb["labels"] != IGNORE_INDEX).sum()
         n_tokens = torch.clamp(n_tokens, min=1).float()
         grads, loss = None, 0.0
@@ -257,16 +305,17 @@ def build_train_step(model_cfg: llama.Config, optim_cfg: optim.OptimizerConfig,
             # equals that of the whole batch's mean loss, whatever the padding per micro-batch.
             def scaled_loss(p: Any, mb: Batch = mb, key: torch.Tensor = prng.fold_in(step_key, i)):
                 token_sum = llama.batch_loss(forward, gather_outside_layers(p, rules, mesh), mb,
-                                             reduction="sum", kernels=kernels, remat=remat,
-                                             training=True, key=key)
+                                             reduction="sum", kernels=kernels, remat=layer,
+                                             training=True, key=key, cross_entropy_fn=cross_entropy)
                 return token_sum * (scale / n_tokens)
-            g, l = torch.func.grad_and_value(scaled_loss)(params)
+            g, l = layerwise.grad_and_value(scaled_loss)(params)
             grads = g if grads is None else pytree.tree_map(torch.add, grads, g)
             loss = loss + l
-        return apply_gradients(state, grads, pytree.full_tensor(loss) / scale, optim_cfg, step_cfg)
+        return apply_gradients(state, grads, pytree.full_tensor(loss) / scale, optim_cfg, step_cfg,
+                               update_group=update_group)
 
-    compiled = jit_lib.jit(step_fn, backend if step_cfg.compile else None,
-                           cache_dir=cache_dir if step_cfg.compile else None, mesh=mesh, rules=rules)
+    # Eager around the compiled regions, under the mesh's contexts (`parallel.jit`).
+    compiled = jit_lib.jit(step_fn, None, mesh=mesh, rules=rules)
 
     def train_step(state: State, local_batch: Batch) -> tuple[State, dict]:
         _check_batch(local_batch)
@@ -277,6 +326,12 @@ def build_train_step(model_cfg: llama.Config, optim_cfg: optim.OptimizerConfig,
     return train_step
 
 
+def compiled_cross_entropy(backend: str | Callable | None, cache_dir: str | None = None) -> Callable:
+    """`llama.cross_entropy` as a region of its own: fused, the [tokens, vocab] softmax and its
+    gradient take one pass instead of several full-size copies (None: eager)."""
+    return jit_lib.jit(llama.cross_entropy, backend, cache_dir)
+
+
 def build_eval_step(model_cfg: llama.Config, step_cfg: TrainStepConfig, mesh: Mesh,
                     rules: sharding.Rules, kernels: llama.Kernels | None = None,
                     backend: str | Callable = "inductor", cache_dir: str | None = None,
@@ -284,17 +339,18 @@ def build_eval_step(model_cfg: llama.Config, step_cfg: TrainStepConfig, mesh: Me
     """`eval_step(params, local_batch) -> loss`: mean token loss of the global batch (plain tensor)."""
     kernels = kernels or kernels_lib.kernels_for(None, mesh=mesh)
     forward = forward or llama.model_forward(model_cfg)
-
-    remat = layer_hook(None, rules, mesh)
+    backend = backend if step_cfg.compile else None
+    layer = layerwise.compiled_layers(layer_hook(None, rules, mesh), backend, cache_dir)
+    cross_entropy = compiled_cross_entropy(backend, cache_dir)
 
     def eval_fn(params: Any, batch: Batch) -> torch.Tensor:
         with torch.no_grad():
             loss = llama.batch_loss(forward, gather_outside_layers(params, rules, mesh), batch,
-                                    kernels=kernels, remat=remat, training=False)
+                                    kernels=kernels, remat=layer, training=False,
+                                    cross_entropy_fn=cross_entropy)
             return pytree.full_tensor(loss)
 
-    compiled = jit_lib.jit(eval_fn, backend if step_cfg.compile else None,
-                           cache_dir=cache_dir if step_cfg.compile else None, mesh=mesh, rules=rules)
+    compiled = jit_lib.jit(eval_fn, None, mesh=mesh, rules=rules)
 
     def eval_step(params: Any, local_batch: Batch) -> torch.Tensor:
         _check_batch(local_batch)

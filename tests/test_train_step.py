@@ -143,12 +143,35 @@ def test_bad_batches_are_user_errors():
         step(state, {"tokens": make_batch(0)["tokens"]})
 
 
+def counting_inductor():
+    """The inductor backend, recording every graph dynamo hands it."""
+    graphs = []
+    inductor = torch._dynamo.lookup_backend("inductor")
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return inductor(gm, example_inputs)
+    return backend, graphs
+
+
 @pytest.mark.compiled
-def test_compiled_step_equals_eager_with_remat(tmp_path):
+def test_compiled_step_equals_eager_with_remat_and_compiles_one_layer(tmp_path):
     cfg = dict(micro_batches=2, remat="full")
     linear = dataclasses.replace(OPT, eps=1.0)  # updates ~ lr * g: params compare the gradients
     eager, eager_history = run(TrainStepConfig(compile=False, **cfg), opt=linear)
-    compiled, history = run(TrainStepConfig(compile=True, **cfg), opt=linear, cache_dir=tmp_path)
+    backend, graphs = counting_inductor()
+    compiled, history = run(TrainStepConfig(compile=True, **cfg), opt=linear, cache_dir=tmp_path,
+                            backend=backend)
     for a, b in zip(history, eager_history):
         assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-5
     assert pytree.max_abs_diff(compiled["params"], eager["params"])[0] < 1e-5
+    # Compile time flat in depth: the two layers share one compiled layer graph, the optimizer
+    # one graph per layer-shaped group and one for the rest (embed, norm, lm_head), whatever
+    # the depth; two steps and two micro-batches compile nothing more.
+    assert len(graphs) == 3, [g.code for g in graphs]
+    # The eval step compiles one more graph: the layer without autograd.
+    evaluate = build_eval_step(MODEL, TrainStepConfig(compile=True), MESH, RULES, kernels=KERNELS,
+                               backend=backend, cache_dir=tmp_path)
+    expected = llama.loss_fn(compiled["params"], make_batch(3), MODEL, kernels=KERNELS)
+    assert float(evaluate(compiled["params"], make_batch(3))) == pytest.approx(float(expected), abs=1e-5)
+    assert len(graphs) == 4
