@@ -465,10 +465,14 @@ def cached_transformer_layer(p: Params, kv: dict[str, torch.Tensor], x: torch.Te
 
 def hidden_states_with_cache(params: Params, tokens: torch.Tensor, cache: dict[str, Any],
                              config: Config, *, kernels: Kernels = Kernels(),
+                             layer_hook: Callable[[Callable], Callable] | None = None,
                              ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Hidden states [batch, q, dim] of `tokens` [batch, q] written at the cache's next q slots,
     and the cache (updated in place: the argument is consumed). Prefill, a decode step, a chunk
     of a long prompt and a speculative block are all this one call.
+
+    layer_hook: wraps the per-layer function, as `remat` does in `hidden_states` (`parallel/`
+    compiles it once for all layers with it).
     """
     q_len = tokens.shape[1]
     max_len = cache["layers"][0]["k"].shape[1]
@@ -480,8 +484,9 @@ def hidden_states_with_cache(params: Params, tokens: torch.Tensor, cache: dict[s
     positions = (slots - start[:, None]).clamp(min=0)                             # [b, q]
     x = constrain(params["embed"][tokens], ("batch", "seq", "embed"))
     cos, sin = rope_cos_sin(config, positions, x.dtype)
+    layer_fn = layer_hook(cached_transformer_layer) if layer_hook is not None else cached_transformer_layer
     for p, kv in zip(params["layers"], cache["layers"], strict=True):
-        x = cached_transformer_layer(p, kv, x, cos, sin, slots, visible[:, None], config, kernels)
+        x = layer_fn(p, kv, x, cos, sin, slots, visible[:, None], config, kernels)
     cache["index"].add_(q_len)
     return kernels.rms_norm(x, params["final_norm"], config.norm_eps), cache
 

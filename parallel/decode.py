@@ -5,7 +5,9 @@
     logits, cache = decoder.forward(prompt_tokens, cache, last_only=True)   # prefill
     logits, cache = decoder.forward(next_tokens[:, None], cache, last_only=True)  # one step
 
-Two compiled functions, the way gpt-fast has them:
+The model's cached layer is compiled once per shape and run for every layer
+(`parallel.layerwise`: compile time does not grow with depth); embedding, masks and the lm head
+run eagerly around it. Two kinds of shapes, the way gpt-fast has them:
 
 - the decode step (one token per row): the slot it writes is `cache["index"]`, a tensor, so one
   graph serves every token at every position. The cache is written in place (`index_copy_`,
@@ -45,8 +47,8 @@ from torch.distributed.tensor.experimental import implicit_replication, local_ma
 from lib.constraints import use_constraint
 from lib.errors import UserError
 from models import llama
-from parallel import jit as jit_lib
 from parallel import kernels as kernels_lib
+from parallel import layerwise
 from parallel import sharding
 from parallel.mesh import Mesh
 
@@ -144,21 +146,24 @@ class Decoder:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
                                                        RECOMPILE_LIMIT)
 
+        layer = layerwise.layer_hook(None, backend, cache_dir)
+
         def step(params: llama.Params, tokens: torch.Tensor, cache: Cache) -> torch.Tensor:
-            hidden, _ = llama.hidden_states_with_cache(params, tokens, cache, config, kernels=kernels)
+            hidden, _ = llama.hidden_states_with_cache(params, tokens, cache, config, kernels=kernels,
+                                                       layer_hook=layer)
             return _plain(llama.logits(params, hidden[:, -1], config).float())
 
         def prefill(params: llama.Params, tokens: torch.Tensor, length: torch.Tensor,
                     cache: Cache, last_only: bool) -> torch.Tensor:
             """`tokens` [b, bucket], of which the first `length` are real."""
-            hidden, _ = llama.hidden_states_with_cache(params, tokens, cache, config, kernels=kernels)
+            hidden, _ = llama.hidden_states_with_cache(params, tokens, cache, config, kernels=kernels,
+                                                       layer_hook=layer)
             cache["index"].sub_(tokens.shape[1] - length)  # the padding's slots stay free
             if last_only:
                 hidden = hidden.index_select(1, (length - 1).reshape(1)).squeeze(1)
             return _plain(llama.logits(params, hidden, config).float())
 
-        self._step = jit_lib.jit(step, backend, cache_dir=cache_dir)
-        self._prefill = jit_lib.jit(prefill, backend, cache_dir=cache_dir)
+        self._step, self._prefill = step, prefill
 
     # -- DecodeModel ----------------------------------------------------------------------------
 
