@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/compile.py                                   # depths 2, 8, 32 at dim 128
     .venv/bin/python bench/compile.py depths=[2,4] whole_depths=[2] rounds=2   # a quick smoke run
+    .venv/bin/python bench/compile.py whole_depths=[] throughput_layers=0      # layerwise only
 
 Every compile is timed in a fresh process (dynamo starts empty) with a fresh inductor cache
 (cold), then again in a second process reusing that cache (a warm restart). "first step" is the
@@ -51,7 +52,7 @@ class BenchConfig:
     model: llama.Config = dataclasses.replace(llama.PRESETS["tiny"], dim=128, ffn_dim=352)
     depths: tuple[int, ...] = (2, 8, 32)        # layerwise step, cold and warm
     whole_depths: tuple[int, ...] = (2, 8)      # whole-graph step: compile time linear in depth
-    throughput_layers: int = 8
+    throughput_layers: int = 8                  # 0: no throughput comparison
     seq: int = 128
     batch: int = 8
     rounds: int = 10                            # timed steps per contender, after the first
@@ -160,6 +161,8 @@ def main(argv: list[str]) -> None:
                   f"{(c1['first_step'] - c1['median_step']) / (c0['first_step'] - c0['median_step']):.2f}")
 
     n = bc.throughput_layers
+    if not n:
+        return
     cache = {m: str(root / f"{m.replace(' ', '-')}-{n}") for m in MECHANISMS}
     result = run_child({"bench": bench, "n_layers": n, "mechanisms": list(MECHANISMS), "cache": cache,
                         "rounds": bc.rounds})

@@ -74,6 +74,11 @@ def map_groups(fn: Callable, groups: Sequence[Sequence[int]],
     keeps DTensor dispatch out of the optimizer: each call is one compiled elementwise graph.
     """
     first = leaves[0]
+    for xs in leaves[1:]:
+        for i, x in enumerate(xs):
+            if x is not None and _layout(x) != _layout(first[i]):
+                raise ValueError(f"leaf {i}: {_layout(x)} does not match {_layout(first[i])}; the "
+                                 "local shards of one position must line up element by element")
     outputs: list[list[Any]] = []
     for group in groups:
         local = [[_local(xs[i]) for i in group] for xs in leaves]
@@ -84,6 +89,10 @@ def map_groups(fn: Callable, groups: Sequence[Sequence[int]],
             for i, y in zip(group, ys, strict=True):
                 out[i] = _like(y, first[i])
     return outputs
+
+
+def _layout(x: torch.Tensor) -> tuple:
+    return tuple(x.shape), tuple(x.placements) if isinstance(x, DTensor) else None
 
 
 def _local(x: torch.Tensor | None) -> torch.Tensor | None:

@@ -7,6 +7,7 @@ tests/test_decode.py.
 """
 import dataclasses
 
+import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
 
@@ -48,9 +49,10 @@ def graphs_of_a_training_run(n_layers: int) -> tuple[int, int]:
 
 def test_compiled_graphs_do_not_grow_with_depth():
     one = graphs_of_a_training_run(1)
-    # Train: the layer, the update of a layer's parameters, the update of the others; eval: the
-    # layer without autograd; decode: the cached layer for the prefill and for one token.
-    assert one[0] == 6
+    # Train: the layer, the loss, the update of a layer's parameters, the update of the others;
+    # eval: the layer and the loss without autograd; decode: the cached layer for the prefill
+    # and for one token.
+    assert one[0] == 8
     assert graphs_of_a_training_run(3) == one
 
 
@@ -59,3 +61,9 @@ def test_layer_groups_split_parameters_by_layer():
     flat = pytree.leaves(params)
     groups = [[flat[i] for i in group] for group in layerwise.layer_groups(params)]
     assert sorted(groups) == [[0, 5], [2, 1], [4, 3]]  # optree sorts dict keys: wo before wq
+
+
+def test_map_groups_refuses_leaves_that_do_not_line_up():
+    params = [torch.zeros(2, 3), torch.zeros(4)]
+    with pytest.raises(ValueError, match="leaf 1"):
+        layerwise.map_groups(lambda a, b: (a,), [[0, 1]], [params, [torch.zeros(2, 3), torch.zeros(5)]])

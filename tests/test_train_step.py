@@ -165,13 +165,13 @@ def test_compiled_step_equals_eager_with_remat_and_compiles_one_layer(tmp_path):
     for a, b in zip(history, eager_history):
         assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-5
     assert pytree.max_abs_diff(compiled["params"], eager["params"])[0] < 1e-5
-    # Compile time flat in depth: the two layers share one compiled layer graph, the optimizer
-    # one graph per layer-shaped group and one for the rest (embed, norm, lm_head), whatever
-    # the depth; two steps and two micro-batches compile nothing more.
-    assert len(graphs) == 3, [g.code for g in graphs]
-    # The eval step compiles one more graph: the layer without autograd.
+    # Compile time flat in depth: the two layers share one compiled layer graph; the loss is
+    # one graph, the optimizer one per layer-shaped group and one for the rest (embed, norm,
+    # lm_head), whatever the depth; two steps and two micro-batches compile nothing more.
+    assert len(graphs) == 4, [g.code for g in graphs]
+    # The eval step compiles two more: the layer and the loss without autograd.
     evaluate = build_eval_step(MODEL, TrainStepConfig(compile=True), MESH, RULES, kernels=KERNELS,
                                backend=backend, cache_dir=tmp_path)
     expected = llama.loss_fn(compiled["params"], make_batch(3), MODEL, kernels=KERNELS)
     assert float(evaluate(compiled["params"], make_batch(3))) == pytest.approx(float(expected), abs=1e-5)
-    assert len(graphs) == 4
+    assert len(graphs) == 6
