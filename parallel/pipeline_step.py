@@ -24,10 +24,10 @@ the same way (DTensor's from_local/to_local carry the redistribution in the back
 
 The per-micro-batch loss is the token-summed cross-entropy times `loss_scale / tokens in the
 global batch`, so the accumulated gradient is that of the batch's mean loss, as in
-`parallel.train_step`. Each stage's function is compiled (`parallel.jit`, fullgraph): inductor
-(or the device's backend) builds its forward and, through AOTAutograd, its backward, which the
-schedule's autograd call runs; the loss and the update of each layer's parameters
-(`train_step.build_update_group`) are compiled on their own.
+`parallel.train_step`. Each stage's layer function is compiled once for all its layers
+(`parallel.layerwise`, fullgraph): inductor (or the device's backend) builds its forward and,
+through AOTAutograd, its backward, which the schedule's autograd call runs; the loss and the
+update of each layer's parameters (`train_step.build_update_group`) are compiled on their own.
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ from lib.labels import IGNORE_INDEX
 from models import llama
 from parallel import jit as jit_lib
 from parallel import kernels as kernels_lib
-from parallel import pipeline, sharding, train_step
+from parallel import layerwise, pipeline, sharding, train_step
 from parallel.mesh import Mesh
 from parallel.pipeline import Layout, PipelineConfig
 
@@ -170,9 +170,11 @@ class _Pipeline:
         self.stages = plan.stages_of(mesh.stage)
         self.first = 0 in self.stages
         self.last = plan.n_stages - 1 in self.stages
+        # One compiled layer for all the rank's stages (`parallel.layerwise`); embedding and
+        # lm head run eagerly around it.
+        layer = layerwise.layer_hook(remat, backend, cache_dir)
         self.modules = [
-            _Stage(jit_lib.jit(pipeline.stage_function(model, plan, s, kernels=kernels, remat=remat),
-                               backend, cache_dir=cache_dir),
+            _Stage(pipeline.stage_function(model, plan, s, kernels=kernels, remat=layer),
                    s == 0, s == plan.n_stages - 1, mesh, rules)
             for s in self.stages]
         self.loss = _TokenLoss(mesh, rules, backend, cache_dir)
