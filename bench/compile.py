@@ -85,7 +85,7 @@ def whole_graph_step(model_cfg: llama.Config, optim_cfg: optim.OptimizerConfig, 
 
 def build(mechanism: str, model_cfg: llama.Config, optim_cfg: optim.OptimizerConfig, cache_dir: Path):
     step_cfg = TrainStepConfig(compile=True)
-    state = init_state(llama.init(model_cfg, seed=0), optim_cfg, step_cfg)
+    state = init_state(llama.init(model_cfg, seed=0), step_cfg)
     if mechanism == "whole graph":
         return state, whole_graph_step(model_cfg, optim_cfg, cache_dir)
     mesh = build_mesh(MeshConfig())

@@ -315,13 +315,13 @@ def build_train_step(model_cfg: llama.Config, optim_cfg: optim.OptimizerConfig,
                                update_group=update_group)
 
     # Eager around the compiled regions, under the mesh's contexts (`parallel.jit`).
-    compiled = jit_lib.jit(step_fn, None, mesh=mesh, rules=rules)
+    step_under_mesh = jit_lib.jit(step_fn, None, mesh=mesh, rules=rules)
 
     def train_step(state: State, local_batch: Batch) -> tuple[State, dict]:
         _check_batch(local_batch)
         micro = [sharding.shard_batch(mb, rules, mesh)
                  for mb in _split_micro_batches(local_batch, step_cfg.micro_batches)]
-        return compiled(state, micro)
+        return step_under_mesh(state, micro)
 
     return train_step
 
@@ -350,10 +350,10 @@ def build_eval_step(model_cfg: llama.Config, step_cfg: TrainStepConfig, mesh: Me
                                     cross_entropy_fn=cross_entropy)
             return pytree.full_tensor(loss)
 
-    compiled = jit_lib.jit(eval_fn, None, mesh=mesh, rules=rules)
+    eval_under_mesh = jit_lib.jit(eval_fn, None, mesh=mesh, rules=rules)
 
     def eval_step(params: Any, local_batch: Batch) -> torch.Tensor:
         _check_batch(local_batch)
-        return compiled(params, sharding.shard_batch(local_batch, rules, mesh))
+        return eval_under_mesh(params, sharding.shard_batch(local_batch, rules, mesh))
 
     return eval_step

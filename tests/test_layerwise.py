@@ -37,7 +37,7 @@ def graphs_of_a_training_run(n_layers: int) -> tuple[int, int]:
     config = dataclasses.replace(llama.PRESETS["tiny"], n_layers=n_layers)
     counter = CompileCounter()
     step_cfg = TrainStepConfig(micro_batches=2, remat="selective")
-    state = init_state(llama.init(config, seed=0), OPT, step_cfg)
+    state = init_state(llama.init(config, seed=0), step_cfg)
     step = build_train_step(config, OPT, step_cfg, MESH, RULES, kernels=KERNELS, backend=counter)
     for i in range(2):
         state, _ = step(state, batch(config, i))
