@@ -146,7 +146,7 @@ class Decoder:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
                                                        RECOMPILE_LIMIT)
 
-        layer = layerwise.layer_hook(None, backend, cache_dir)
+        layer = layerwise.compiled_layers(None, backend, cache_dir)
 
         def step(params: llama.Params, tokens: torch.Tensor, cache: Cache) -> torch.Tensor:
             hidden, _ = llama.hidden_states_with_cache(params, tokens, cache, config, kernels=kernels,

@@ -172,7 +172,7 @@ class _Pipeline:
         self.last = plan.n_stages - 1 in self.stages
         # One compiled layer for all the rank's stages (`parallel.layerwise`); embedding and
         # lm head run eagerly around it.
-        layer = layerwise.layer_hook(remat, backend, cache_dir)
+        layer = layerwise.compiled_layers(remat, backend, cache_dir)
         self.modules = [
             _Stage(pipeline.stage_function(model, plan, s, kernels=kernels, remat=layer),
                    s == 0, s == plan.n_stages - 1, mesh, rules)
