@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.distributed.tensor import zeros as dtensor_zeros
-from torch.distributed.tensor.experimental import implicit_replication, local_map
+from torch.distributed.tensor.experimental import implicit_replication
 
 from lib.constraints import use_constraint
 from lib.errors import UserError
@@ -85,24 +85,6 @@ def _local(x: torch.Tensor) -> torch.Tensor:
     return x.to_local() if isinstance(x, DTensor) else x
 
 
-def sharded_attention(attention: Callable, rules: sharding.Rules, mesh: Mesh) -> Callable:
-    """`attention` run on each rank's heads and rows (like jax's shard_map around a kernel):
-    DTensor has no sharding strategy for SDPA with a mask, and fused kernels have none at all."""
-    spec = lambda axes: sharding.spec_for(axes, rules, mesh)
-    q_spec = spec(("batch", None, "heads", None))
-    kv_spec = spec(("batch", None, "kv_heads", None))
-    mask_spec = spec(("batch", None, None, None))
-    mapped = local_map(lambda q, k, v, mask: attention(q, k, v, mask=mask),
-                       out_placements=list(q_spec), in_placements=(q_spec, kv_spec, kv_spec, mask_spec),
-                       device_mesh=mesh.device_mesh, redistribute_inputs=True)
-
-    def attention_per_shard(q, k, v, segment_ids=None, mask=None):
-        if segment_ids is not None or mask is None:
-            raise ValueError("decoding attention takes an explicit mask")
-        return mapped(q, k, v, mask)
-    return attention_per_shard
-
-
 class Decoder:
     """A LLaMA as a `DecodeModel`: compiled prefill and decode step over an in-place KV cache.
 
@@ -131,7 +113,7 @@ class Decoder:
             self.rules = rules
             params = sharding.shard_params(params, llama.param_axes(config), rules, self.mesh)
             kernels = dataclasses.replace(
-                kernels, attention=sharded_attention(kernels.attention, rules, self.mesh))
+                kernels, attention=kernels_lib.per_shard_attention(kernels.attention, rules, self.mesh))
             (split,) = sharding.mesh_axes_for(("batch",), rules, self.mesh)
             self._row_multiple = math.prod(self.mesh.size(a) for a in split)
             self._constraint = sharding.activation_constraint(rules, self.mesh)

@@ -15,11 +15,13 @@ import math
 from collections.abc import Callable
 
 import torch
+from torch.distributed.tensor.experimental import local_map
 
 from lib.device import Device, import_torch_npu
 from lib.errors import UserError
 from models import attention as attention_lib
 from models import llama
+from parallel import sharding
 from parallel.mesh import Mesh
 
 Params = llama.Params
@@ -113,6 +115,34 @@ def attention_kernel(dev: Device | None, name: str = "auto", *, sharded: bool = 
                             f"{dev.kind if dev else 'unknown'}")
         return npu_fusion_attention
     return attention_lib.KERNELS[name]
+
+
+def per_shard_attention(attention: attention_lib.AttentionFn, rules: sharding.Rules,
+                        mesh: Mesh) -> attention_lib.AttentionFn:
+    """`attention` run on each rank's rows and heads (like jax's shard_map around a kernel),
+    with its `segment_ids` or `mask` split by rows. DTensor has no sharding strategy for the
+    fused kernels, and dynamo (torch 2.13) cannot trace the reference kernel's einsums on
+    DTensors of a 2-dim mesh (DESIGN.md); on local shards any kernel runs as on one device."""
+    spec = lambda axes: sharding.spec_for(axes, rules, mesh)
+    q_spec = spec(("batch", None, "heads", None))
+    kv_spec = spec(("batch", None, "kv_heads", None))
+    row_specs = {"segment_ids": spec(("batch", None)), "mask": spec(("batch", None, None, None))}
+    common = dict(out_placements=list(q_spec), device_mesh=mesh.device_mesh, redistribute_inputs=True)
+    plain = local_map(lambda q, k, v: attention(q, k, v),
+                      in_placements=(q_spec, kv_spec, kv_spec), **common)
+    by_rows = {name: local_map(lambda q, k, v, rows, name=name: attention(q, k, v, **{name: rows}),
+                               in_placements=(q_spec, kv_spec, kv_spec, row_spec), **common)
+               for name, row_spec in row_specs.items()}
+
+    def attention_per_shard(q, k, v, segment_ids=None, mask=None):
+        if segment_ids is not None and mask is not None:
+            raise ValueError("attention takes segment_ids or a mask, not both")
+        if segment_ids is not None:
+            return by_rows["segment_ids"](q, k, v, segment_ids)
+        if mask is not None:
+            return by_rows["mask"](q, k, v, mask)
+        return plain(q, k, v)
+    return attention_per_shard
 
 
 def kernels_for(dev: Device | None, attention: str = "auto", *, mesh: Mesh | None = None,

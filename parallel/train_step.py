@@ -285,7 +285,10 @@ def build_train_step(model_cfg: llama.Config, optim_cfg: optim.OptimizerConfig,
     dropout key of micro-batch i at step s is fold_in(fold_in(seed, s), i) (`lib.prng`), so the
     masks are a function of (seed, step): a resumed run draws what an uninterrupted one would.
     """
+    # Recompute wraps the plain attention kernel before `_on_mesh` runs it per shard, so
+    # selective recompute's backward differentiates local tensors only.
     remat, kernels = apply_remat(step_cfg.remat, kernels or kernels_lib.kernels_for(None, mesh=mesh))
+    kernels = _on_mesh(kernels, rules, mesh)
     forward = forward or llama.model_forward(model_cfg)
     backend = backend if step_cfg.compile else None
     layer = layerwise.compiled_layers(layer_hook(remat, rules, mesh), backend, cache_dir)
@@ -326,6 +329,14 @@ def build_train_step(model_cfg: llama.Config, optim_cfg: optim.OptimizerConfig,
     return train_step
 
 
+def _on_mesh(kernels: llama.Kernels, rules: sharding.Rules, mesh: Mesh) -> llama.Kernels:
+    """`kernels` with attention run per shard on a sharded mesh (`kernels.per_shard_attention`)."""
+    if mesh.device_mesh is None:
+        return kernels
+    return dataclasses.replace(kernels, attention=kernels_lib.per_shard_attention(kernels.attention,
+                                                                                  rules, mesh))
+
+
 def compiled_cross_entropy(backend: str | Callable | None, cache_dir: str | None = None) -> Callable:
     """`llama.cross_entropy` as a region of its own: fused, the [tokens, vocab] softmax and its
     gradient take one pass instead of several full-size copies (None: eager)."""
@@ -337,7 +348,7 @@ def build_eval_step(model_cfg: llama.Config, step_cfg: TrainStepConfig, mesh: Me
                     backend: str | Callable = "inductor", cache_dir: str | None = None,
                     forward: ForwardFn | None = None) -> Callable[[Any, Batch], torch.Tensor]:
     """`eval_step(params, local_batch) -> loss`: mean token loss of the global batch (plain tensor)."""
-    kernels = kernels or kernels_lib.kernels_for(None, mesh=mesh)
+    kernels = _on_mesh(kernels or kernels_lib.kernels_for(None, mesh=mesh), rules, mesh)
     forward = forward or llama.model_forward(model_cfg)
     backend = backend if step_cfg.compile else None
     layer = layerwise.compiled_layers(layer_hook(None, rules, mesh), backend, cache_dir)
