@@ -402,6 +402,7 @@ def _check_writable(d: Path) -> None:
 
 def _open_manager(root: Path, *, read_only: bool, keep: int = 1, async_save: bool = False):
     import orbax.checkpoint as ocp
+    _quiet_read_only_notices()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=async_save,
         create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only)
@@ -828,6 +829,23 @@ class _OrbaxErrorFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not (record.levelno >= logging.ERROR and record.exc_info is not None)
+
+
+class _ReadOnlyNoticeFilter(logging.Filter):
+    """A read-only manager makes orbax warn (through absl) that it ignores the saving options and
+    that the directory "is read only": every generate, chat and evaluate would open with three
+    warnings about a choice made here, none of them about the user's input."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (record.levelno == logging.WARNING
+                    and ("read_only=True" in message or message.startswith("Given directory is read only")))
+
+
+def _quiet_read_only_notices() -> None:
+    absl_logger = logging.getLogger("absl")
+    if not any(isinstance(f, _ReadOnlyNoticeFilter) for f in absl_logger.filters):
+        absl_logger.addFilter(_ReadOnlyNoticeFilter())
 
 
 def _quiet_orbax_errors() -> None:

@@ -19,7 +19,6 @@ own (Chinese-LLaMA-Alpaca style), and copies the tokenizer of the last adapter t
 from __future__ import annotations
 
 import argparse
-import logging
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -212,7 +211,6 @@ def main(argv: Sequence[str]) -> int:
                            help="as the training run that loads it sets it (Megatron's default: 128)")
 
     args = parser.parse_args(argv)
-    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's notes on read-only managers are noise here
     dtype = dtypes.torch_dtype(args.dtype) if args.dtype else None
     source, _, target = args.command.partition("-to-")
     if "megatron" in (source, target):

@@ -86,6 +86,18 @@ def test_saved_names_are_the_dotted_tree_paths(tmp_path):
         assert reader.shapes()["params.layers.1.wq"] == (6, 4)
 
 
+def test_reading_a_checkpoint_logs_no_warnings(tmp_path, caplog):
+    """Every generate / chat / evaluate opens its checkpoint read-only: orbax's warnings about
+    that choice ("Given directory is read only", ...) would greet each run."""
+    ckpt = Checkpointer(CheckpointConfig(dir=str(tmp_path), async_save=False))
+    ckpt.save(1, reference_state(), force=True)
+    ckpt.close()
+    caplog.clear()
+    with caplog.at_level("WARNING"), Reader(tmp_path) as reader:
+        assert reader.step == 1
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == []
+
+
 def test_restore_casts_to_target_dtype(tmp_path):
     state = reference_state()
     ckpt = Checkpointer(CheckpointConfig(dir=str(tmp_path), async_save=False))
