@@ -159,7 +159,8 @@ def memory_stats(dev: Device) -> dict[str, int]:
         rss = rss_pages * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         rss = peak
-    return {"allocated": rss, "peak": peak}
+    # The kernel updates ru_maxrss lazily: it can trail the resident set read a moment later.
+    return {"allocated": rss, "peak": max(peak, rss)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -93,7 +93,7 @@ def test_cpu_memory_stats_track_resident_memory():
     block = torch.ones(16 * 2**20)  # 64 MiB, touched
     after = device.memory_stats(device.detect("cpu"))
     assert after["allocated"] - before["allocated"] > 60 * 2**20
-    assert after["peak"] >= after["allocated"] - 2**20
+    assert after["peak"] >= after["allocated"]
     del block
 
 
