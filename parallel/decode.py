@@ -57,8 +57,6 @@ Cache = dict[str, Any]
 MIN_BUCKET = 8           # shortest prefill graph (a speculative block of up to 7 drafts fits)
 HEADROOM = 16            # cache slots beyond what is asked: room for a short block's padding
 MIN_CACHE = 128
-# Every (batch, cache length, bucket) is a graph: allow many before dynamo gives up on a function.
-RECOMPILE_LIMIT = 64
 
 
 def prefill_bucket(n: int) -> int:
@@ -124,10 +122,6 @@ class Decoder:
         self.params = params
         self.dtype = params["embed"].dtype
         self.device = _local(params["embed"]).device
-        if backend is not None:
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
-                                                       RECOMPILE_LIMIT)
-
         layer = layerwise.compiled_layers(None, backend, cache_dir)
 
         def step(params: llama.Params, tokens: torch.Tensor, cache: Cache) -> torch.Tensor:

@@ -31,6 +31,7 @@ from lib import pytree
 from parallel import jit as jit_lib
 
 LayerHook = Callable[[Callable], Callable]
+RECOMPILE_LIMIT = 64     # shapes one layer function may be compiled for
 
 
 def compiled_layers(hook: LayerHook | None, backend: str | Callable | None,
@@ -43,6 +44,10 @@ def compiled_layers(hook: LayerHook | None, backend: str | Callable | None,
     """
     if backend is None:
         return hook
+    # One layer code object serves every shape its callers run (training, each eval, prefill
+    # and scoring bucket): each shape is a recompile, and past dynamo's default of 8 it would
+    # silently run the rest eagerly.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     compiled: dict[Callable, Callable] = {}
 
     def compiling_hook(layer_fn: Callable) -> Callable:

@@ -15,7 +15,9 @@ log-softmax at every position of the batch. Here:
   and only the rest of each row is run on top of it. Attention is causal, so the scores are
   those of the whole row;
 - rows are sorted by length and batched, right-padded to a few length buckets (4 per octave),
-  so the compiled scoring function is reused instead of recompiled per length;
+  so compiled code is reused instead of recompiled per length; what is compiled is the
+  transformer layer (`parallel.layerwise`), once per shape for all layers, so each new bucket
+  costs one layer's compile, not the whole model's;
 - the lm_head and log-softmax run only at the entries' positions;
 - under torchrun, batches are dealt to the data-parallel shards (ranks of one tensor-parallel
   group score the same rows), and the results are gathered in request order.
@@ -38,7 +40,7 @@ from torch.distributed.tensor.experimental import implicit_replication
 from lib.constraints import constrain, use_constraint
 from lib.evals.tokens import Request
 from models import llama
-from parallel import jit as jit_lib
+from parallel import layerwise
 from parallel import sharding
 from parallel.mesh import Mesh
 
@@ -214,13 +216,15 @@ def _tensors(batch: Batch, pad_id: int, device) -> dict[str, torch.Tensor]:
             {"tokens": tokens, "positions": positions, "targets": targets}.items()}
 
 
-def build_score_fn(config: llama.Config, kernels: llama.Kernels) -> Callable:
+def build_score_fn(config: llama.Config, kernels: llama.Kernels,
+                   layer_hook: layerwise.LayerHook | None = None) -> Callable:
     """score(params, tokens [b, s], positions [b, e], targets [b, e]) ->
-    (log p(target | tokens[:position + 1]) [b, e] fp32, target is the argmax [b, e])."""
+    (log p(target | tokens[:position + 1]) [b, e] fp32, target is the argmax [b, e]).
+    `layer_hook` wraps the per-layer function (`layerwise.compiled_layers`)."""
     def score(params: Any, tokens: torch.Tensor, positions: torch.Tensor,
               targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
-            hidden = llama.hidden_states(params, tokens, config, kernels=kernels)
+            hidden = llama.hidden_states(params, tokens, config, kernels=kernels, remat=layer_hook)
             picked = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
             logits = llama.logits(params, picked, config).float()
             if isinstance(logits, DTensor):
@@ -258,7 +262,8 @@ def _token_scores(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Te
     return logprobs, logits.argmax(-1) == targets
 
 
-def build_prefix_score_fn(config: llama.Config, kernels: llama.Kernels, dtype: torch.dtype) -> Callable:
+def build_prefix_score_fn(config: llama.Config, kernels: llama.Kernels, dtype: torch.dtype,
+                          layer_hook: layerwise.LayerHook | None = None) -> Callable:
     """score(params, prefix [g, p], start [g], row_group [b], suffix [b, s], positions [b, e],
     targets [b, e]) -> as `build_score_fn`'s, positions counted from the start of the suffix."""
     def score(params: Any, prefix: torch.Tensor, start: torch.Tensor, row_group: torch.Tensor,
@@ -266,11 +271,13 @@ def build_prefix_score_fn(config: llama.Config, kernels: llama.Kernels, dtype: t
         with torch.no_grad():
             cache = llama.init_cache(config, prefix.shape[0], prefix.shape[1] + suffix.shape[1],
                                      start=start, dtype=dtype, device=prefix.device)
-            _, cache = llama.hidden_states_with_cache(params, prefix, cache, config, kernels=kernels)
+            _, cache = llama.hidden_states_with_cache(params, prefix, cache, config, kernels=kernels,
+                                                      layer_hook=layer_hook)
             rows = {"layers": [{k: t.index_select(0, row_group) for k, t in layer.items()}
                                for layer in cache["layers"]],
                     "start": cache["start"].index_select(0, row_group), "index": cache["index"]}
-            hidden, _ = llama.hidden_states_with_cache(params, suffix, rows, config, kernels=kernels)
+            hidden, _ = llama.hidden_states_with_cache(params, suffix, rows, config, kernels=kernels,
+                                                       layer_hook=layer_hook)
             picked = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
             return _token_scores(llama.logits(params, picked, config).float(), targets)
     return score
@@ -293,14 +300,14 @@ class Scorer:
         self.config, self.mesh, self.rules = config, mesh, rules
         self.tokens_per_batch, self.rows_per_batch = tokens_per_batch, rows_per_batch
         self.pad_id, self.device = pad_id, torch.device(device)
-        # torch.compile specialises on shapes: one graph per (rows, length, entries) bucket.
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        self._score = jit_lib.jit(build_score_fn(config, kernels), backend, cache_dir=cache_dir)
+        # torch.compile specialises on shapes: the layer is compiled once per (rows, length)
+        # bucket; embedding, the picked positions' lm_head and log-softmax run eagerly.
+        layer = layerwise.compiled_layers(None, backend, cache_dir)
+        self._score = build_score_fn(config, kernels, layer)
         # Shared prefixes go through the KV cache, which runs on plain tensors only: under a
         # mesh every row is scored whole. A fixed `rows_per_batch` also scores rows whole.
         self._share_prefixes = share_prefixes and mesh.device_mesh is None and rows_per_batch is None
-        self._score_prefixed = jit_lib.jit(build_prefix_score_fn(config, kernels, dtype), backend,
-                                           cache_dir=cache_dir)
+        self._score_prefixed = build_prefix_score_fn(config, kernels, dtype, layer)
         self._constraint = sharding.activation_constraint(rules, mesh)
 
     def __call__(self, params: Any, requests: Sequence[Request],
