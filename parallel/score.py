@@ -100,8 +100,9 @@ class Batch:
 def make_batches(rows: Sequence[Row], tokens_per_batch: int, rows_per_batch: int | None) -> list[Batch]:
     """Consecutive rows (longest first) grouped into batches of one padded shape each.
 
-    The number of rows of a batch depends only on its length bucket (`rows_per_batch`, or as
-    many as fit in `tokens_per_batch`), so every batch of a bucket has the same shape."""
+    A batch holds `rows_per_batch` rows (every batch of a bucket one shape), or as many as fit
+    in `tokens_per_batch` at its length bucket, the last batch of a bucket padded only to a
+    power of two of its rows, so a bucket with few rows does not run a full batch of padding."""
     batches: list[Batch] = []
     i = 0
     while i < len(rows):
@@ -110,7 +111,8 @@ def make_batches(rows: Sequence[Row], tokens_per_batch: int, rows_per_batch: int
         chunk = list(rows[i:i + n])
         i += len(chunk)
         entries = entries_bucket(max(len(r.positions) for r in chunk))
-        batches.append(Batch(chunk, (n, length, entries)))
+        rows_padded = n if rows_per_batch else min(n, entries_bucket(len(chunk)))
+        batches.append(Batch(chunk, (rows_padded, length, entries)))
     return batches
 
 
@@ -135,11 +137,14 @@ def _common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
 def group_by_prefix(rows: Sequence[Row], min_prefix: int = MIN_SHARED_PREFIX) -> tuple[list[Group], list[Row]]:
     """(groups of rows sharing at least `min_prefix` leading tokens, rows left alone).
 
-    Rows are sorted, so rows with a common beginning are neighbours; a group takes the next row
-    while it keeps at least half of the group's common prefix (a question of the next MMLU
-    subject shares only a dozen tokens of the description and starts a new group). The prefix
-    stops before the first scored position of any member: those hidden states come from the
-    second pass."""
+    Rows are sorted, so rows with a common beginning are neighbours. A group takes the next row
+    while that saves work: the row's n shared tokens run once instead of again, against the
+    tokens the group's prefix shrinks by, which each member then runs in its own suffix. So
+    MMLU questions of one subject share the description and five shots (a question shortens
+    the prefix by a few tokens at most), a question of the next subject (a dozen tokens in
+    common) starts a new group, and HellaSwag's endings group per context, not with another
+    document that merely begins the same way. The prefix stops before the first scored position
+    of any member: those hidden states come from the second pass."""
     order = sorted(rows, key=lambda r: r.tokens)
     groups, alone = [], []
     i = 0
@@ -147,7 +152,7 @@ def group_by_prefix(rows: Sequence[Row], min_prefix: int = MIN_SHARED_PREFIX) ->
         shared, j = len(order[i].tokens), i + 1
         while j < len(order):
             n = _common_prefix(order[i].tokens, order[j].tokens)
-            if n < min_prefix or n < shared // 2:
+            if n < min_prefix or (shared - n) * (j - i) > n:
                 break
             shared, j = min(shared, n), j + 1
         members = order[i:j]
@@ -171,19 +176,25 @@ class PrefixBatch:
 def make_prefix_batches(groups: Sequence[Group], tokens_per_batch: int) -> list[PrefixBatch]:
     """The groups' rows in batches of one padded shape each.
 
-    Rows are ordered by prefix bucket, then by suffix length (longest first), and a batch never
-    spans two prefix buckets, so its first row fixes its shape. Its row count depends only on
-    the (prefix, suffix) buckets: as many rows as fit `tokens_per_batch` suffix tokens, the
-    prefix cache counted beside them."""
+    Groups are ordered by prefix bucket, then by their longest suffix (longest first), rows
+    within a group longest first, and a batch never spans two prefix buckets, so its first row
+    fixes its shape: as many rows as fit
+    `tokens_per_batch` suffix tokens, the prefix cache counted beside them, padded to a power of
+    two of the rows it holds when fewer (the last batch of a bucket)."""
     def suffix(item: tuple[Group, Row]) -> int:
         return len(item[1].tokens) - len(item[0].prefix)
-    items = sorted(((g, row) for g in groups for row in g.rows),
-                   key=lambda item: (-bucket(len(item[0].prefix)), -suffix(item)))
+
+    def longest_suffix(g: Group) -> int:
+        return max(len(r.tokens) for r in g.rows) - len(g.prefix)
+    # A group's rows stay together, so its prefix runs in one batch (two at a boundary), not
+    # once per batch that one of its rows was sorted into.
+    ordered = sorted(groups, key=lambda g: (-bucket(len(g.prefix)), -longest_suffix(g)))
+    items = [(g, row) for g in ordered for row in sorted(g.rows, key=lambda r: -len(r.tokens))]
     batches: list[PrefixBatch] = []
     i = 0
     while i < len(items):
         prefix_len = bucket(len(items[i][0].prefix))
-        suffix_len = bucket(suffix(items[i]))
+        suffix_len = bucket(longest_suffix(items[i][0]))  # bounds every row after it
         n = max(1, tokens_per_batch // (suffix_len + prefix_len // 4))
         chunk = []
         while i < len(items) and len(chunk) < n and bucket(len(items[i][0].prefix)) == prefix_len:
@@ -198,8 +209,9 @@ def make_prefix_batches(groups: Sequence[Group], tokens_per_batch: int) -> list[
                 batch_groups.append(g)
             rows.append((index[id(g)], r))
         entries = entries_bucket(max(len(r.positions) for _, r in rows))
-        batches.append(PrefixBatch(batch_groups, rows, (entries_bucket(len(batch_groups)), prefix_len,
-                                                         n, suffix_len, entries)))
+        shape = (entries_bucket(len(batch_groups)), prefix_len, min(n, entries_bucket(len(rows))),
+                 suffix_len, entries)
+        batches.append(PrefixBatch(batch_groups, rows, shape))
     return batches
 
 
