@@ -121,12 +121,14 @@ class _TokenLoss:
         self.weight: torch.Tensor | None = None
 
         def loss(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-            return pytree.full_tensor(llama.cross_entropy(logits, labels, reduction="sum") * weight)
+            return llama.cross_entropy(logits, labels, reduction="sum") * weight
         self._loss = jit_lib.jit(loss, backend, cache_dir=cache_dir)
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         labels = sharding.shard_batch({"labels": labels}, self.rules, self.mesh)["labels"]
-        return self._loss(logits, labels, self.weight)
+        # The stage's whole sum, as a plain tensor for the schedule: gathered outside the
+        # compiled region, whose output stayed a DTensor when the stage has a data axis.
+        return pytree.full_tensor(self._loss(logits, labels, self.weight))
 
 
 _SCHEDULES = {"GPipe": ScheduleGPipe, "1F1B": Schedule1F1B,

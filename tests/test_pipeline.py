@@ -167,9 +167,10 @@ def test_two_stages(tmp_path):
 
 @pytest.mark.distributed
 def test_four_ranks_tensor_fsdp_and_resume_under_another_pipe_size(tmp_path):
-    """PP 2 x TP 2 and PP 2 x FSDP 2; the latter's checkpoint resumed under PP 4, then equal to
-    the reference's third step."""
-    results = spawn(4, ["pipe=2,tensor=2", "pipe=2,fsdp=2,save=ck", "pipe=4,micro=4,resume=ck"],
-                    tmp_path)
+    """PP 2 x TP 2 and PP 2 x FSDP 2 (eager, and compiled: a stage with a data axis returns its
+    loss as a DTensor from the compiled region); the FSDP run's checkpoint resumed under PP 4,
+    then equal to the reference's third step."""
+    results = spawn(4, ["pipe=2,tensor=2", "pipe=2,fsdp=2,save=ck", "pipe=2,fsdp=2,compiled=aot_eager",
+                        "pipe=4,micro=4,resume=ck"], tmp_path)
     check(results)
     assert results["pipe=4,micro=4,resume=ck"]["resumed_at"] == 2
