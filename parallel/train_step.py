@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+import torch.utils.checkpoint
 
 from lib import dtypes, optim, prng, pytree
 from lib.errors import UserError
@@ -59,62 +60,20 @@ class TrainStepConfig:
 # ---------------------------------------------------------------------------------------------
 # Activation recompute
 #
-# torch.utils.checkpoint (full, or selective with a policy) needs saved-tensor hooks, which
-# torch.func.grad rejects on torch 2.13, eagerly and under torch.compile alike. This autograd
-# Function keeps only its inputs and recomputes the function with torch.func.vjp in the
-# backward: it composes with torch.func.grad_and_value and torch.autograd, and compiles into the
-# layer's graph.
-
-
-class _RecomputeInBackward(torch.autograd.Function):
-    @staticmethod
-    def forward(fn, *tensors):
-        return fn(*tensors)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.fn = inputs[0]
-        ctx.save_for_backward(*inputs[1:])
-
-    @staticmethod
-    def backward(ctx, grad):
-        _, vjp = torch.func.vjp(ctx.fn, *ctx.saved_tensors)
-        return (None, *vjp(grad))
+# torch.utils.checkpoint (non-reentrant): the step differentiates with torch.autograd
+# (`layerwise.grad_and_value`), whose saved-tensor hooks checkpoint needs, and under
+# torch.compile it becomes a region whose tagged activations the partitioner recomputes in the
+# backward instead of saving. (An autograd Function recomputing with torch.func.vjp, used while
+# the step was differentiated by torch.func, kept every activation once compiled: the
+# partitioner saw the backward's recompute as a copy of the forward and saved the forward's
+# values; measured in bench/plan_accuracy.py as remat=full holding what remat=none holds.)
 
 
 def recompute_in_backward(fn: Callable) -> Callable:
-    """`fn` whose intermediate activations are recomputed in the backward instead of stored.
-
-    Floating-point tensors among the positional arguments (nested in dicts/lists too) get
-    gradients; everything else (int tensors, None, configs, functions, keyword arguments) is
-    passed through unchanged.
-    """
+    """`fn` whose intermediate activations are recomputed in the backward instead of stored;
+    its arguments (tensors, LoRA weights, configs, kernels) pass through unchanged."""
     def wrapped(*args, **kwargs):
-        # Keyword arguments stay out of the flattening: dynamo cannot rebuild the treespec of an
-        # empty kwargs dict (optree's DictMetaData) inside the autograd Function.
-        # lib.pytree's namespace: LoRA's LoraWeight is a node there, so its tensors (adapters,
-        # base weight) are among the leaves and get gradients.
-        leaves, spec = pytree.flatten(args)
-        diff = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor) and x.is_floating_point()]
-
-        def call(*tensors):
-            full = list(leaves)
-            for i, t in zip(diff, tensors):
-                full[i] = t
-            return fn(*pytree.unflatten(spec, full), **kwargs)
-        tensors = [leaves[i] for i in diff]
-        needs_grad = False
-        for t in tensors:  # a loop: dynamo cannot trace any() over a generator
-            needs_grad = needs_grad or t.requires_grad
-        if not needs_grad:
-            # Nothing to differentiate, nothing to recompute: a plain call. (dynamo inlines a
-            # Function none of whose inputs needs grad as a plain call too, but passes it its
-            # context first, which this Function's signature cannot take. Under torch.compile,
-            # dynamo sees the tensors `grad_and_value` differentiates as not needing grad where
-            # they enter unchanged: with LoRA over a frozen embedding, the first layer runs
-            # without recompute, with the same result.)
-            return fn(*args, **kwargs)
-        return _RecomputeInBackward.apply(call, *tensors)
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, **kwargs)
     return wrapped
 
 

@@ -12,7 +12,8 @@ from lib.errors import UserError
 from models import attention, llama, lora
 from parallel import sharding
 from parallel.mesh import MeshConfig, build_mesh
-from parallel.train_step import TrainStepConfig, build_eval_step, build_train_step, init_state
+from parallel.train_step import (TrainStepConfig, apply_remat, build_eval_step, build_train_step,
+                                  init_state)
 
 MODEL = llama.PRESETS["tiny"]
 KERNELS = llama.Kernels(attention=attention.reference)
@@ -175,3 +176,39 @@ def test_compiled_step_equals_eager_with_remat_and_compiles_one_layer(tmp_path):
     expected = llama.loss_fn(compiled["params"], make_batch(3), MODEL, kernels=KERNELS)
     assert float(evaluate(compiled["params"], make_batch(3))) == pytest.approx(float(expected), abs=1e-5)
     assert len(graphs) == 6
+
+
+def saved_for_backward_bytes(remat: str) -> int:
+    """Bytes a compiled layer keeps for its backward: its forward graph's outputs beyond the
+    layer output, as inductor's partitioner (min-cut rematerialization) splits the graph."""
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+    saved = []
+
+    def forward_compiler(gm, example_inputs):
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        values = [a.meta.get("val") for a in out.args[0][1:] if hasattr(a, "meta")]
+        saved.append(sum(v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor)))
+        return make_boxed_func(gm.forward)
+    backend = aot_autograd(fw_compiler=forward_compiler, bw_compiler=lambda gm, _: make_boxed_func(gm.forward),
+                           partition_fn=min_cut_rematerialization_partition)
+    hook, kernels = apply_remat(remat, KERNELS)
+    layer = torch.compile(hook(llama.transformer_layer) if hook else llama.transformer_layer,
+                          backend=backend, fullgraph=True, dynamic=False)
+    cfg = dataclasses.replace(MODEL, dim=64, n_heads=4, n_kv_heads=2, ffn_dim=176)
+    p = {k: v.requires_grad_() for k, v in llama.init(cfg, seed=0)["layers"][0].items()}
+    x = torch.randn(2, 64, cfg.dim, requires_grad=True)
+    cos, sin = llama.rope_cos_sin(cfg, torch.arange(64)[None].expand(2, -1), x.dtype)
+    layer(p, x, cos, sin, None, cfg, kernels).sum().backward()
+    weights = sum(w.numel() * w.element_size() for w in p.values())
+    return saved[0] - weights  # the weights are kept whatever the mode
+
+
+def test_compiled_recompute_keeps_less_for_the_backward():
+    """Compiled, full recompute keeps about the layer's input, selective drops the attention
+    probabilities; an implementation whose recompute the partitioner folds back into the forward
+    keeps as much as no recompute."""
+    none, selective, full = (saved_for_backward_bytes(m) for m in ("none", "selective", "full"))
+    x_bytes = 2 * 64 * 64 * 4
+    assert full <= 2 * x_bytes and 8 * x_bytes < none, (none, selective, full)
+    assert selective < none, (none, selective, full)
