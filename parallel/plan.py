@@ -218,14 +218,14 @@ def logits_peak(x: _Dims, compiled: bool = True) -> int:
 
 def layer_backward(x: _Dims, remat: str, attention: str, compiled: bool = True) -> int:
     """Bytes a layer's backward adds beyond what the layers keep: with full recompute, its
-    activations and, about twice as much again, their gradients and the kernels' temporaries;
-    with selective, the attention recomputed and its gradients; without, its gradients take the
+    activations recomputed (torch.utils.checkpoint), their gradients taking their place as they
+    are consumed; with selective, the attention recomputed and its gradients; without, its gradients take the
     place of the activations they consume. Plus the residual stream's fp32 gradient. (The
     factors are what inductor's memory plan of the compiled step shows on CPU, measured by
     bench/plan_accuracy.py; another compiler may schedule differently.)"""
     residual_grad = 2 * x.n * x.d * 4
     if remat == "full":
-        return 3 * layer_saved(x, "none", attention, compiled) + residual_grad
+        return layer_saved(x, "none", attention, compiled) + residual_grad
     if remat == "selective":
         recomputed = attention_saved(x, attention, compiled) - (x.n * x.h * x.hd + 2 * x.n * x.kv * x.hd) * x.act
         return 2 * recomputed + residual_grad

@@ -158,9 +158,10 @@ def test_pipeline_stages_split_the_layers_and_hold_their_micro_batches_in_flight
     staged = plan.plan(model, {"pipe": 4, "data": 1, "fsdp": 2, "tensor": 1}, RULES, w)
     assert staged.pipeline_bubble == pytest.approx(3 / (8 + 3))
     assert staged.total == max(staged.stage_totals) and flat.pipeline_bubble == 0.0
-    # 1F1B: rank r holds 4 - r micro-batches in flight; the last also runs the head.
+    # 1F1B: rank r holds 4 - r micro-batches in flight; the last also runs the head. (Where the
+    # optimizer update is a rank's peak, ranks of equal layer counts total the same.)
     first, second, third, last = staged.stage_totals
-    assert first > second > third and last > third
+    assert first > second >= third and last > third
     # The largest here is the last rank: 1 micro-batch of its 8 layers' inputs (4 rows x 2048 x
     # 4096 bf16 per micro-batch and device) and the logits.
     activations = {t.name: t.bytes for t in staged.forward_backward}["activations"]
@@ -168,10 +169,12 @@ def test_pipeline_stages_split_the_layers_and_hold_their_micro_batches_in_flight
     with pytest.raises(UserError, match="not divisible by mesh.pipe=3"):
         plan.plan(model, {"pipe": 3, "data": 1, "fsdp": 1, "tensor": 1}, RULES, w)
     # Interleaved over 2 virtual stages: the bubble halves; rank 0 holds torch's warm-up of
-    # (2 - 1) x 4 + 2 x 3 = 10 forward chunks plus one, each 4 of its 8 layers deep.
-    inter = dataclasses.replace(w, pipeline=PipelineConfig(schedule="Interleaved1F1B", virtual_stages=2))
+    # (2 - 1) x 4 + 2 x 3 = 10 forward chunks plus one, each 4 of its 8 layers deep (32 rows
+    # per micro-batch and device, so that activations rather than the update decide the peak).
+    inter = dataclasses.replace(w, global_batch=512,
+                                pipeline=PipelineConfig(schedule="Interleaved1F1B", virtual_stages=2))
     staged = plan.plan(model, {"pipe": 4, "data": 1, "fsdp": 2, "tensor": 1}, RULES, inter)
     assert staged.pipeline_bubble == pytest.approx(3 / (8 + 3) / 2)
     assert staged.total == max(staged.stage_totals) == staged.stage_totals[0]
     activations = {t.name: t.bytes for t in staged.forward_backward}["activations"]
-    assert activations == 11 * 4 * (4 * 2048 * 4096 * 2)
+    assert activations == 11 * 4 * (32 * 2048 * 4096 * 2)
