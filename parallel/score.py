@@ -87,6 +87,15 @@ def bucket(n: int, minimum: int = 16) -> int:
     return -(-n // step) * step
 
 
+def rows_bucket(n: int) -> int:
+    """`n` rows rounded up to one of four sizes per octave above 4 (5, 6, 7, 8, 10, 12, ...):
+    at most 25% padding rows."""
+    if n <= 4:
+        return max(n, 1)
+    step = 1 << (n.bit_length() - 3)
+    return -(-n // step) * step
+
+
 def entries_bucket(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
@@ -101,8 +110,8 @@ def make_batches(rows: Sequence[Row], tokens_per_batch: int, rows_per_batch: int
     """Consecutive rows (longest first) grouped into batches of one padded shape each.
 
     A batch holds `rows_per_batch` rows (every batch of a bucket one shape), or as many as fit
-    in `tokens_per_batch` at its length bucket, the last batch of a bucket padded only to a
-    power of two of its rows, so a bucket with few rows does not run a full batch of padding."""
+    in `tokens_per_batch` at its length bucket, the last batch of a bucket padded only to
+    `rows_bucket` of its rows, so a bucket with few rows does not run a full batch of padding."""
     batches: list[Batch] = []
     i = 0
     while i < len(rows):
@@ -111,7 +120,7 @@ def make_batches(rows: Sequence[Row], tokens_per_batch: int, rows_per_batch: int
         chunk = list(rows[i:i + n])
         i += len(chunk)
         entries = entries_bucket(max(len(r.positions) for r in chunk))
-        rows_padded = n if rows_per_batch else min(n, entries_bucket(len(chunk)))
+        rows_padded = n if rows_per_batch else min(n, rows_bucket(len(chunk)))
         batches.append(Batch(chunk, (rows_padded, length, entries)))
     return batches
 
@@ -179,8 +188,9 @@ def make_prefix_batches(groups: Sequence[Group], tokens_per_batch: int) -> list[
     Groups are ordered by prefix bucket, then by their longest suffix (longest first), rows
     within a group longest first, and a batch never spans two prefix buckets, so its first row
     fixes its shape: as many rows as fit
-    `tokens_per_batch` suffix tokens, the prefix cache counted beside them, padded to a power of
-    two of the rows it holds when fewer (the last batch of a bucket)."""
+    `tokens_per_batch` suffix tokens, the prefix cache counted beside them, padded to
+    `rows_bucket` of the rows it holds when fewer (the last batch of a bucket); its groups'
+    prefixes likewise to `rows_bucket` of the groups."""
     def suffix(item: tuple[Group, Row]) -> int:
         return len(item[1].tokens) - len(item[0].prefix)
 
@@ -209,7 +219,7 @@ def make_prefix_batches(groups: Sequence[Group], tokens_per_batch: int) -> list[
                 batch_groups.append(g)
             rows.append((index[id(g)], r))
         entries = entries_bucket(max(len(r.positions) for _, r in rows))
-        shape = (entries_bucket(len(batch_groups)), prefix_len, min(n, entries_bucket(len(rows))),
+        shape = (rows_bucket(len(batch_groups)), prefix_len, min(n, rows_bucket(len(rows))),
                  suffix_len, entries)
         batches.append(PrefixBatch(batch_groups, rows, shape))
     return batches
