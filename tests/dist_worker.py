@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lib import optim, pytree  # noqa: E402
+from lib import files, optim, pytree  # noqa: E402
 from models import attention, llama  # noqa: E402
 from parallel import sharding  # noqa: E402
 from parallel.mesh import MeshConfig, build_mesh  # noqa: E402
@@ -177,9 +176,7 @@ def main() -> None:
     reference = reference_run(params, data)
     results = {case: run_case(case, params, data, reference, cache_dir) for case in cases}
     if dist.get_rank() == 0:
-        tmp = Path(out_path).with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, indent=1))
-        os.replace(tmp, out_path)
+        files.write_text_atomic(out_path, json.dumps(results, indent=1))
     dist.destroy_process_group()
 
 

@@ -22,7 +22,6 @@ writes the maxima as JSON.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from torch.distributed import _functional_collectives as funcol
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lib import checkpoint as ckpt_lib  # noqa: E402
-from lib import optim, pytree  # noqa: E402
+from lib import files, optim, pytree  # noqa: E402
 from models import attention, llama  # noqa: E402
 from parallel import pipeline_step, sharding  # noqa: E402
 from parallel import train_step as plain_step  # noqa: E402
@@ -225,9 +224,7 @@ def main() -> None:
     results = {case: agreement_case(Path(work_dir)) if case == "agree" else
                run_case(case, params, data, reference, Path(work_dir)) for case in cases}
     if dist.get_rank() == 0:
-        tmp = Path(out_path).with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, indent=1))
-        os.replace(tmp, out_path)
+        files.write_text_atomic(out_path, json.dumps(results, indent=1))
     dist.destroy_process_group()
 
 

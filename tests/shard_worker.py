@@ -13,7 +13,6 @@ writes the largest differences as JSON.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lib import pytree  # noqa: E402
+from lib import files, pytree  # noqa: E402
 from models import hf, llama  # noqa: E402
 from parallel import sharded, sharding  # noqa: E402
 from parallel.mesh import MeshConfig, build_mesh  # noqa: E402
@@ -95,9 +94,7 @@ def main() -> None:
     reference = reference_hf(Path(hf_dir))
     results = {case: run_case(case, Path(hf_dir), Path(save_dir), reference) for case in cases}
     if dist.get_rank() == 0:
-        tmp = Path(out_path).with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, indent=1))
-        os.replace(tmp, out_path)
+        files.write_text_atomic(out_path, json.dumps(results, indent=1))
     dist.destroy_process_group()
 
 
